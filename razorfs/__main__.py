@@ -1,0 +1,5 @@
+import sys
+
+from razorfs.cli import main
+
+sys.exit(main())

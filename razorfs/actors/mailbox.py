@@ -1,0 +1,98 @@
+"""Addresses of actors, and the request/reply envelope.
+
+An actor's inbox is a bounded trio memory channel of ``Envelope``s. ``Mailbox.ask`` sends the
+encoded message with a one-shot reply channel and waits; a ``Failed`` reply is raised in the
+caller as ``FsError``. ``Mailbox.tell`` sends without a reply. Closing a mailbox (every clone of
+its send side) is how an actor is told to shut down.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import structlog
+import trio
+
+from razorfs.actors import messages
+from razorfs.errors import FsError
+
+log = structlog.get_logger("razorfs.mailbox")
+
+INBOX_CAPACITY = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    payload: bytes
+    reply_to: trio.MemorySendChannel | None
+
+
+class Mailbox:
+    def __init__(self, send_channel: trio.MemorySendChannel) -> None:
+        self._send = send_channel
+
+    async def ask(self, message) -> messages.Ok:
+        reply_send, reply_receive = trio.open_memory_channel(1)
+        async with reply_receive:
+            await self._send.send(Envelope(messages.encode(message), reply_send))
+            try:
+                reply = messages.decode(await reply_receive.receive())
+            except trio.EndOfChannel:
+                raise FsError(errno.EIO, f"{type(message).__name__}: actor stopped") from None
+        if isinstance(reply, messages.Failed):
+            raise FsError(reply.errno, reply.message)
+        return reply
+
+    async def tell(self, message) -> None:
+        await self._send.send(Envelope(messages.encode(message), None))
+
+    def clone(self) -> Mailbox:
+        return Mailbox(self._send.clone())
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+    async def __aenter__(self) -> Mailbox:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def open_mailbox(capacity: int = INBOX_CAPACITY) -> tuple[Mailbox, trio.MemoryReceiveChannel]:
+    send, receive = trio.open_memory_channel(capacity)
+    return Mailbox(send), receive
+
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+def reply(envelope: Envelope, result: messages.Ok | messages.Failed) -> None:
+    if envelope.reply_to is None:
+        return
+    try:
+        envelope.reply_to.send_nowait(messages.encode(result))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        # The asker was cancelled (e.g. its FUSE request was interrupted); nobody to tell.
+        log.debug("reply dropped", reply=type(result).__name__)
+    finally:
+        envelope.reply_to.close()
+
+
+async def handle_envelope(envelope: Envelope, handler: Handler, actor: str) -> None:
+    """Decode, dispatch, reply. Domain errors become a Failed reply; so do unexpected ones
+    (logged with traceback) so that one bad request never stops the actor. Handlers that can
+    leave state half-changed must protect themselves (the tree manager goes failsafe)."""
+    message = messages.decode(envelope.payload)
+    try:
+        value = await handler(message)
+    except FsError as exc:
+        reply(envelope, messages.Failed(exc.errno, exc.message))
+        return
+    except Exception:
+        log.exception("unexpected error in actor", actor=actor, message=type(message).__name__)
+        reply(envelope, messages.Failed(errno.EIO, f"internal error in {actor}"))
+        return
+    reply(envelope, value if isinstance(value, messages.Ok) else messages.Ok(value))

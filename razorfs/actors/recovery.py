@@ -1,0 +1,249 @@
+"""Recovery coordinator: at mount, rebuild the state and start the other actors; later, checkpoints.
+
+Recovery = newest valid checkpoint + redo of every WAL record after it (no undo is ever needed:
+uncommitted changes never reach the disk's committed state, and data blocks are copy-on-write).
+A torn tail is cut off; damage anywhere else refuses the mount with a message naming file and
+offset. Orphans (inodes unlinked while open when the crash came) are reclaimed, the allocator's
+free map is rebuilt from the extent maps, and a checkpoint is written so nothing is replayed twice.
+
+Checkpoints keep the log bounded: a snapshot of the tree as of LSN C is written once C is durable
+(so every block it points to is durable too), atomically; then WAL segments older than the
+*previous* checkpoint are deleted, so that if the newest checkpoint is ever found damaged, the
+previous one plus the log still rebuild everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from razorfs.actors import messages as m
+from razorfs.actors.block_allocator import BlockAllocator, FreeSpace
+from razorfs.actors.mailbox import Mailbox, handle_envelope, open_mailbox
+from razorfs.actors.tree_manager import TreeManager
+from razorfs.actors.wal_writer import WalStatus, WalWriter
+from razorfs.errors import FsError
+from razorfs.storage import formats
+from razorfs.storage.blockstore import BlockStore
+from razorfs.storage.formats import FormatError, Superblock
+from razorfs.storage.interface import Storage
+from razorfs.storage.wal import LogEnd, list_segments, scan_log
+from razorfs.tree import TreeState
+
+log = structlog.get_logger("razorfs.recovery")
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class Recovered:
+    superblock: Superblock
+    state: TreeState
+    checkpoint_lsn: int
+    last_lsn: int
+    last_batch: int
+    replayed: int
+    orphans: int
+    log_end: LogEnd | None
+    skipped_checkpoints: list[str]
+
+
+def read_superblock(storage: Storage) -> Superblock:
+    if not storage.exists(formats.SUPERBLOCK_PATH):
+        raise FormatError("not a razorfs data directory (no superblock; run `razorfs mkfs`)")
+    return Superblock.decode(storage.read_file(formats.SUPERBLOCK_PATH))
+
+
+def list_checkpoints(storage: Storage) -> list[tuple[int, str]]:
+    found = []
+    for name in storage.listdir(formats.CHECKPOINT_DIR):
+        lsn = formats.parse_lsn_name(name, ".ckpt")
+        if lsn is not None:
+            found.append((lsn, f"{formats.CHECKPOINT_DIR}/{name}"))
+    return sorted(found)
+
+
+def load(storage: Storage) -> Recovered:
+    """Rebuild the state from disk without changing anything (recovery and fsck share this)."""
+    superblock = read_superblock(storage)
+    skipped = []
+    for lsn, path in reversed(list_checkpoints(storage)):
+        try:
+            checkpoint_lsn, body = formats.decode_checkpoint(
+                storage.read_file(path), superblock.uuid, path)
+            state = TreeState.from_snapshot(body)
+            break
+        except (FormatError, ValueError) as exc:
+            skipped.append(str(exc))
+    else:
+        raise FormatError("no valid checkpoint" + (": " + "; ".join(skipped) if skipped else ""))
+    scan = scan_log(storage, superblock.uuid, checkpoint_lsn)
+    for record in scan.records:
+        try:
+            ops = m.decode_ops(record.payload)
+            for op in ops:
+                state.apply(op)
+        except Exception as exc:
+            raise FormatError(
+                f"WAL record LSN {record.lsn} at offset {record.offset} cannot be replayed: {exc}"
+            ) from None
+    orphans = [inode for inode in state.inodes.values() if inode.nlink == 0]
+    for inode in orphans:
+        state.apply(m.DropInode(inode.ino))
+    return Recovered(superblock, state, checkpoint_lsn,
+                     scan.last_lsn or checkpoint_lsn, scan.last_batch,
+                     len(scan.records), len(orphans), scan.end, skipped)
+
+
+def recover(storage: Storage) -> Recovered:
+    """``load``, then make the disk agree: cut a torn tail and checkpoint the recovered state."""
+    recovered = load(storage)
+    for reason in recovered.skipped_checkpoints:
+        log.warning("skipped damaged checkpoint, used an older one", reason=reason)
+    end = recovered.log_end
+    if end is not None and end.reason is not None:
+        _cut_tail(storage, end)
+    if recovered.replayed or recovered.orphans or end is None:
+        write_checkpoint(storage, recovered.superblock.uuid, recovered.last_lsn,
+                         recovered.state.to_snapshot())
+    log.info("recovered", checkpoint_lsn=recovered.checkpoint_lsn, replayed=recovered.replayed,
+             last_lsn=recovered.last_lsn, orphans_reclaimed=recovered.orphans,
+             inodes=len(recovered.state.inodes),
+             torn_tail=end.reason if end is not None else None)
+    return recovered
+
+
+def _cut_tail(storage: Storage, end: LogEnd) -> None:
+    """Remove everything from the end of the valid log on, so that a later scan never meets
+    these bytes again (a new segment starts at the next LSN)."""
+    log.warning("cutting torn WAL tail", segment=end.segment, offset=end.offset,
+                reason=end.reason)
+    cut_first = formats.parse_lsn_name(end.segment.rpartition("/")[2], ".wal")
+    for first_lsn, path in _segments_from(storage, cut_first):
+        if path == end.segment and end.offset > 0:
+            with storage.open(path) as segment:
+                segment.truncate(end.offset)
+                segment.fsync()
+        else:
+            storage.unlink(path)
+    storage.fsync_dir(formats.WAL_DIR)
+
+
+def _segments_from(storage: Storage, first: int):
+    return [(lsn, path) for lsn, path in list_segments(storage) if lsn >= first]
+
+
+def write_checkpoint(storage: Storage, uuid: bytes, lsn: int, body: bytes) -> None:
+    storage.write_file_atomically(formats.checkpoint_name(lsn),
+                                  formats.encode_checkpoint(lsn, uuid, body))
+    checkpoints = list_checkpoints(storage)
+    stale = checkpoints[:-CHECKPOINTS_KEPT]
+    for _, path in stale:
+        storage.unlink(path)
+    if stale:
+        storage.fsync_dir(formats.CHECKPOINT_DIR)
+
+
+@dataclass
+class Handles:
+    """What the FUSE layer talks to once the filesystem is up."""
+
+    tree: Mailbox
+    wal: Mailbox
+    allocator: Mailbox
+    blocks: BlockStore
+    wal_status: WalStatus
+    recovered: Recovered
+
+
+@dataclass(frozen=True)
+class Tuning:
+    commit_interval: float = 1.0
+    checkpoint_bytes: int = 64 << 20
+    checkpoint_poll: float = 2.0
+    segment_bytes: int = WalWriter.SEGMENT_BYTES
+
+
+class RecoveryCoordinator:
+    """Recovers, starts allocator → WAL writer → tree manager, then drives checkpoints until its
+    inbox is closed; then takes a final checkpoint and closes the others in turn."""
+
+    def __init__(self, inbox: trio.MemoryReceiveChannel, storage: Storage,
+                 tuning: Tuning = Tuning()) -> None:
+        self._inbox = inbox
+        self._storage = storage
+        self._tuning = tuning
+        self._uuid = b""
+        self.checkpoints_written = 0
+        self.last_checkpoint_seconds = 0.0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        recovered = await trio.to_thread.run_sync(recover, self._storage)
+        self._uuid = recovered.superblock.uuid
+        blocks = BlockStore(self._storage)
+        try:
+            free = FreeSpace.from_used((p for p, *_ in recovered.state.used_blocks()),
+                                       blocks.block_count())
+            tree, tree_inbox = open_mailbox()
+            wal, wal_inbox = open_mailbox()
+            allocator, allocator_inbox = open_mailbox()
+            status = WalStatus()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(BlockAllocator(allocator_inbox, self._storage, free,
+                                                   durable_lsn=recovered.last_lsn).run)
+                await nursery.start(WalWriter(
+                    wal_inbox, self._storage, self._uuid, blocks,
+                    next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
+                    commit_interval=self._tuning.commit_interval, allocator=allocator.clone(),
+                    status=status, segment_bytes=self._tuning.segment_bytes).run)
+                await nursery.start(TreeManager(
+                    tree_inbox, recovered.state, last_lsn=recovered.last_lsn, wal=wal.clone(),
+                    wal_status=status, allocator=allocator.clone()).run)
+                task_status.started(Handles(tree.clone(), wal.clone(), allocator.clone(), blocks,
+                                            status, recovered))
+                await allocator.aclose()
+                async with tree, wal:
+                    await self._serve(tree, wal)
+        finally:
+            blocks.close()
+
+    async def _serve(self, tree: Mailbox, wal: Mailbox) -> None:
+        async with self._inbox:
+            while True:
+                with trio.move_on_after(self._tuning.checkpoint_poll):
+                    try:
+                        envelope = await self._inbox.receive()
+                    except trio.EndOfChannel:
+                        break
+                    await handle_envelope(envelope, lambda msg: self._checkpoint(tree, wal),
+                                          "recovery")
+                    continue
+                stats = (await wal.ask(m.WalStats())).value
+                if stats[4] >= self._tuning.checkpoint_bytes and not stats[5]:
+                    await self._checkpoint_or_failsafe(tree, wal)
+        await self._checkpoint_or_failsafe(tree, wal)
+
+    async def _checkpoint_or_failsafe(self, tree: Mailbox, wal: Mailbox) -> None:
+        try:
+            await self._checkpoint(tree, wal)
+        except FsError as exc:
+            log.error("checkpoint skipped", reason=str(exc))
+        except OSError as exc:
+            log.error("checkpoint failed", reason=str(exc))
+            await tree.tell(m.EnterFailsafe(f"checkpoint write failed: {exc}"))
+
+    async def _checkpoint(self, tree: Mailbox, wal: Mailbox) -> int:
+        started = trio.current_time()
+        lsn, body = (await tree.ask(m.TakeSnapshot())).value
+        await wal.ask(m.WaitDurable(lsn))
+        previous = [c for c, _ in await trio.to_thread.run_sync(list_checkpoints, self._storage)]
+        await trio.to_thread.run_sync(write_checkpoint, self._storage, self._uuid, lsn, body)
+        keep_from = previous[-1] if previous else lsn
+        await wal.ask(m.TrimLog(min(keep_from, lsn)))
+        self.checkpoints_written += 1
+        self.last_checkpoint_seconds = trio.current_time() - started
+        log.info("checkpoint", lsn=lsn, bytes=len(body),
+                 seconds=round(self.last_checkpoint_seconds, 4))
+        return lsn

@@ -1,0 +1,461 @@
+"""Tree manager actor: owns the metadata and runs each FUSE request as one transaction.
+
+A modifying request is validated against the state (raising FsError with the errno Linux would
+give), turned into redo operations, applied with ``TreeState.apply`` and handed to the WAL writer
+as one record with the next LSN. The reply carries that LSN as a commit ticket; the tree manager
+never waits for an fsync, so a slow disk never holds up other requests (whoever needs durability
+waits on the WAL writer with the ticket).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from typing import Callable
+
+import pyfuse3
+import structlog
+import trio
+
+from razorfs.actors import messages as m
+from razorfs.actors.mailbox import Mailbox, handle_envelope
+from razorfs.actors.wal_writer import WalStatus
+from razorfs.errors import FsError
+from razorfs.storage.formats import BLOCK_SIZE
+from razorfs.tree import ROOT_INO, Inode, TreeState
+
+log = structlog.get_logger("razorfs.tree")
+
+NAME_MAX = 255
+SYMLINK_MAX = 4095
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = 65536
+XATTR_TOTAL_MAX = 1 << 20
+MAX_FILE_SIZE = (1 << 63) - 1
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes (limit {NAME_MAX})")
+    if not name or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, "invalid name")
+
+
+class TreeManager:
+    def __init__(self, inbox: trio.MemoryReceiveChannel, state: TreeState, *, last_lsn: int,
+                 wal: Mailbox, wal_status: WalStatus, allocator: Mailbox,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self._inbox = inbox
+        self._state = state
+        self._last_lsn = last_lsn
+        self._wal = wal
+        self._wal_status = wal_status
+        self._allocator = allocator
+        self._clock = clock
+        self._failsafe: str | None = None
+        self._handlers = {
+            m.Lookup: self._lookup,
+            m.GetAttr: self._getattr,
+            m.SetAttr: self._setattr,
+            m.MakeNode: self._make_node,
+            m.Remove: self._remove,
+            m.Rename: self._rename,
+            m.Link: self._link,
+            m.ReadLink: self._readlink,
+            m.ReadDir: self._readdir,
+            m.Forget: self._forget,
+            m.GetXattr: self._getxattr,
+            m.ListXattr: self._listxattr,
+            m.SetXattr: self._setxattr,
+            m.RemoveXattr: self._removexattr,
+            m.MapBlocks: self._map_blocks,
+            m.CommitWrite: self._commit_write,
+            m.SyncPoint: self._sync_point,
+            m.TakeSnapshot: self._take_snapshot,
+            m.TreeStats: self._stats,
+            m.EnterFailsafe: self._enter_failsafe,
+        }
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            async with self._inbox:
+                async for envelope in self._inbox:
+                    await handle_envelope(envelope, self._dispatch, "tree")
+        finally:
+            # Closing our side of the WAL and allocator inboxes tells them to finish.
+            await self._wal.aclose()
+            await self._allocator.aclose()
+
+    async def _dispatch(self, message):
+        return await self._handlers[type(message)](message)
+
+    # ---- helpers ----
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self._state.inodes.get(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"no inode {ino}")
+        return inode
+
+    def _directory(self, ino: int) -> Inode:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
+        return inode
+
+    def _live_directory(self, ino: int) -> Inode:
+        inode = self._directory(ino)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT, f"directory {ino} was removed")
+        return inode
+
+    def _child(self, parent: Inode, name: bytes) -> Inode:
+        _check_name(name)
+        ino = parent.directory.names.get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT, f"no entry {name!r} in directory {parent.ino}")
+        return self._state.inodes[ino]
+
+    async def _commit(self, ops: list) -> int:
+        """Apply, log and return the LSN of one transaction."""
+        if self._failsafe is None and self._wal_status.failed:
+            self._failsafe = self._wal_status.failed
+        if self._failsafe:
+            raise FsError(errno.EROFS, f"read-only (failsafe): {self._failsafe}")
+        if not ops:
+            return 0
+        freed: list[int] = []
+        try:
+            for op in ops:
+                freed.extend(self._state.apply(op))
+        except Exception as exc:
+            # State may be half-changed and the log does not have it: stop all changes now.
+            self._failsafe = f"internal error applying a transaction: {exc!r}"
+            log.exception("failsafe: transaction failed to apply", ops=[type(o).__name__ for o in ops])
+            raise FsError(errno.EIO, self._failsafe) from None
+        self._last_lsn += 1
+        await self._wal.tell(m.Append(self._last_lsn, m.encode_ops(ops)))
+        if freed:
+            await self._allocator.tell(m.FreeAfter(tuple(freed), self._last_lsn))
+        return self._last_lsn
+
+    def _drop_if_unused(self, inode: Inode, nlink_after: int, ops: list) -> None:
+        if nlink_after == 0 and inode.lookups == 0:
+            ops.append(m.DropInode(inode.ino))
+
+    # ---- read-only requests ----
+
+    async def _lookup(self, msg: m.Lookup):
+        parent = self._directory(msg.parent)
+        if msg.name == b".":
+            inode = parent
+        elif msg.name == b"..":
+            inode = self._inode(parent.parent)
+        else:
+            inode = self._child(parent, msg.name)
+        inode.lookups += 1
+        return inode.attr()
+
+    async def _getattr(self, msg: m.GetAttr):
+        return self._inode(msg.ino).attr()
+
+    async def _readlink(self, msg: m.ReadLink):
+        inode = self._inode(msg.ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL, "not a symlink")
+        return inode.target
+
+    async def _readdir(self, msg: m.ReadDir):
+        directory = self._directory(msg.ino).directory
+        result = []
+        for cookie, name, ino in directory.after(msg.after):
+            if len(result) >= msg.limit:
+                break
+            child = self._state.inodes[ino]
+            child.lookups += 1
+            result.append((name, cookie, child.attr()))
+        return tuple(result)
+
+    async def _getxattr(self, msg: m.GetXattr):
+        xattrs = self._inode(msg.ino).xattrs or {}
+        if msg.name not in xattrs:
+            raise FsError(pyfuse3.ENOATTR, "no such attribute")
+        return xattrs[msg.name]
+
+    async def _listxattr(self, msg: m.ListXattr):
+        return tuple(self._inode(msg.ino).xattrs or ())
+
+    async def _map_blocks(self, msg: m.MapBlocks):
+        inode = self._inode(msg.ino)
+        if inode.blocks is None:
+            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
+        flat = []
+        blocks = inode.blocks
+        if msg.count < len(blocks):
+            for lblk in range(msg.first, msg.first + msg.count):
+                packed = blocks.get(lblk)
+                if packed is not None:
+                    flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
+        else:
+            end = msg.first + msg.count
+            for lblk in sorted(b for b in blocks if msg.first <= b < end):
+                packed = blocks[lblk]
+                flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
+        return (inode.size, tuple(flat))
+
+    async def _sync_point(self, msg: m.SyncPoint):
+        return self._last_lsn
+
+    async def _take_snapshot(self, msg: m.TakeSnapshot):
+        return (self._last_lsn, self._state.to_snapshot())
+
+    async def _stats(self, msg: m.TreeStats):
+        return (len(self._state.inodes), self._last_lsn,
+                self._failsafe or self._wal_status.failed)
+
+    async def _enter_failsafe(self, msg: m.EnterFailsafe):
+        if not self._failsafe:
+            self._failsafe = msg.reason
+            log.error("failsafe: filesystem is now read-only", reason=msg.reason)
+
+    # ---- transactions ----
+
+    async def _setattr(self, msg: m.SetAttr):
+        inode = self._inode(msg.ino)
+        now = self._clock()
+        changes: dict = {"ctime_ns": now}
+        ops: list = []
+        if msg.mode is not None:
+            changes["mode"] = stat.S_IFMT(inode.mode) | stat.S_IMODE(msg.mode)
+        if msg.uid is not None:
+            changes["uid"] = msg.uid
+        if msg.gid is not None:
+            changes["gid"] = msg.gid
+        if msg.size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR, "cannot truncate a directory")
+            if inode.blocks is None:
+                raise FsError(errno.EINVAL, "cannot truncate this file type")
+            if msg.size > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG, "file too large")
+            keep = -(-msg.size // BLOCK_SIZE)
+            if msg.size < inode.size and any(lblk >= keep for lblk in inode.blocks):
+                ops.append(m.TruncateBlocks(inode.ino, keep))
+            if msg.tail is not None:
+                ops.append(m.PutBlocks(inode.ino, msg.tail))
+            changes["size"] = msg.size
+            changes["mtime_ns"] = now
+        if msg.atime_ns is not None:
+            changes["atime_ns"] = msg.atime_ns
+        if msg.mtime_ns is not None:
+            changes["mtime_ns"] = msg.mtime_ns
+        ops.append(inode.put_op(**changes))
+        lsn = await self._commit(ops)
+        return m.Ok(inode.attr(), lsn)
+
+    async def _make_node(self, msg: m.MakeNode):
+        parent = self._live_directory(msg.parent)
+        _check_name(msg.name)
+        if msg.name in parent.directory.names:
+            raise FsError(errno.EEXIST, f"{msg.name!r} exists")
+        if len(msg.target) > SYMLINK_MAX:
+            raise FsError(errno.ENAMETOOLONG, "symlink target too long")
+        kind = stat.S_IFMT(msg.mode)
+        if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK,
+                        stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL, f"unsupported file type {kind:o}")
+        now = self._clock()
+        ino = self._state.next_ino
+        mode, gid = msg.mode, msg.gid
+        if parent.mode & stat.S_ISGID:
+            # setgid directories: new entries inherit the group, new directories the bit too
+            gid = parent.gid
+            if kind == stat.S_IFDIR:
+                mode |= stat.S_ISGID
+        is_dir = kind == stat.S_IFDIR
+        ops = [
+            m.PutInode(ino, mode, 2 if is_dir else 1, msg.uid, gid,
+                       msg.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0,
+                       len(msg.target) if kind == stat.S_IFLNK else 0, now, now, now),
+        ]
+        if kind == stat.S_IFLNK:
+            ops.append(m.PutTarget(ino, msg.target))
+        ops.append(m.PutEntry(parent.ino, msg.name, ino))
+        ops.append(parent.put_op(nlink=parent.nlink + is_dir, mtime_ns=now, ctime_ns=now))
+        lsn = await self._commit(ops)
+        inode = self._state.inodes[ino]
+        inode.lookups += 1
+        return m.Ok(inode.attr(), lsn)
+
+    async def _remove(self, msg: m.Remove):
+        parent = self._directory(msg.parent)
+        if msg.name in (b".", b".."):
+            raise FsError(errno.EINVAL if msg.name == b"." else errno.ENOTEMPTY, "cannot remove")
+        child = self._child(parent, msg.name)
+        if msg.directory:
+            if not child.is_dir:
+                raise FsError(errno.ENOTDIR, "not a directory")
+            if child.directory.names:
+                raise FsError(errno.ENOTEMPTY, "directory not empty")
+        elif child.is_dir:
+            raise FsError(errno.EISDIR, "is a directory")
+        now = self._clock()
+        nlink_after = 0 if child.is_dir else child.nlink - 1
+        ops = [
+            m.DropEntry(parent.ino, msg.name),
+            child.put_op(nlink=nlink_after, ctime_ns=now),
+            parent.put_op(nlink=parent.nlink - child.is_dir, mtime_ns=now, ctime_ns=now),
+        ]
+        self._drop_if_unused(child, nlink_after, ops)
+        return m.Ok(None, await self._commit(ops))
+
+    def _is_inside(self, ino: int, ancestor: int) -> bool:
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INO:
+                return False
+            ino = self._state.inodes[ino].parent
+
+    async def _rename(self, msg: m.Rename):
+        if msg.flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE) or (
+                msg.flags & pyfuse3.RENAME_EXCHANGE and msg.flags & pyfuse3.RENAME_NOREPLACE):
+            raise FsError(errno.EINVAL, "invalid rename flags")
+        old_parent = self._directory(msg.old_parent)
+        new_parent = self._live_directory(msg.new_parent)
+        _check_name(msg.new_name)
+        source = self._child(old_parent, msg.old_name)
+        target_ino = new_parent.directory.names.get(msg.new_name)
+        target = self._state.inodes[target_ino] if target_ino is not None else None
+        if msg.flags & pyfuse3.RENAME_EXCHANGE:
+            if target is None:
+                raise FsError(errno.ENOENT, "exchange target does not exist")
+            return m.Ok(None, await self._exchange(old_parent, msg.old_name, source,
+                                                     new_parent, msg.new_name, target))
+        if target is not None and msg.flags & pyfuse3.RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST, "target exists")
+        if target is source:
+            return m.Ok(None, 0)
+        if source.is_dir and self._is_inside(new_parent.ino, source.ino):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        if target is not None:
+            if source.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR, "target is not a directory")
+            if not source.is_dir and target.is_dir:
+                raise FsError(errno.EISDIR, "target is a directory")
+            if target.is_dir and target.directory.names:
+                raise FsError(errno.ENOTEMPTY, "target directory not empty")
+        now = self._clock()
+        nlink_delta = {old_parent.ino: 0, new_parent.ino: 0}
+        if source.is_dir:
+            nlink_delta[old_parent.ino] -= 1
+            nlink_delta[new_parent.ino] += 1
+        ops: list = [m.DropEntry(old_parent.ino, msg.old_name),
+                     m.PutEntry(new_parent.ino, msg.new_name, source.ino),
+                     source.put_op(ctime_ns=now)]
+        if target is not None:
+            target_nlink = 0 if target.is_dir else target.nlink - 1
+            nlink_delta[new_parent.ino] -= target.is_dir
+            ops.append(target.put_op(nlink=target_nlink, ctime_ns=now))
+            self._drop_if_unused(target, target_nlink, ops)
+        for ino, delta in nlink_delta.items():
+            parent = self._state.inodes[ino]
+            ops.append(parent.put_op(nlink=parent.nlink + delta, mtime_ns=now, ctime_ns=now))
+        return m.Ok(None, await self._commit(ops))
+
+    async def _exchange(self, old_parent: Inode, old_name: bytes, source: Inode,
+                        new_parent: Inode, new_name: bytes, target: Inode) -> int:
+        if source is target:
+            return 0
+        if old_parent is not new_parent:
+            if source.is_dir and self._is_inside(new_parent.ino, source.ino):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            if target.is_dir and self._is_inside(old_parent.ino, target.ino):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        now = self._clock()
+        delta = int(target.is_dir) - int(source.is_dir)
+        ops: list = [m.PutEntry(old_parent.ino, old_name, target.ino),
+                     m.PutEntry(new_parent.ino, new_name, source.ino),
+                     source.put_op(ctime_ns=now), target.put_op(ctime_ns=now)]
+        if old_parent is new_parent:
+            ops.append(old_parent.put_op(mtime_ns=now, ctime_ns=now))
+        else:
+            ops.append(old_parent.put_op(nlink=old_parent.nlink + delta, mtime_ns=now,
+                                         ctime_ns=now))
+            ops.append(new_parent.put_op(nlink=new_parent.nlink - delta, mtime_ns=now,
+                                         ctime_ns=now))
+        return await self._commit(ops)
+
+    async def _link(self, msg: m.Link):
+        inode = self._inode(msg.ino)
+        parent = self._live_directory(msg.new_parent)
+        _check_name(msg.new_name)
+        if inode.is_dir:
+            raise FsError(errno.EPERM, "hard links to directories are not allowed")
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT, "file was removed")
+        if msg.new_name in parent.directory.names:
+            raise FsError(errno.EEXIST, f"{msg.new_name!r} exists")
+        now = self._clock()
+        ops = [m.PutEntry(parent.ino, msg.new_name, inode.ino),
+               inode.put_op(nlink=inode.nlink + 1, ctime_ns=now),
+               parent.put_op(mtime_ns=now, ctime_ns=now)]
+        lsn = await self._commit(ops)
+        inode.lookups += 1
+        return m.Ok(inode.attr(), lsn)
+
+    async def _forget(self, msg: m.Forget):
+        ops = []
+        for i in range(0, len(msg.pairs), 2):
+            inode = self._state.inodes.get(msg.pairs[i])
+            if inode is None or inode.ino == ROOT_INO:
+                continue
+            inode.lookups = max(0, inode.lookups - msg.pairs[i + 1])
+            self._drop_if_unused(inode, inode.nlink, ops)
+        if ops and not self._failsafe:
+            return m.Ok(None, await self._commit(ops))
+        return None
+
+    async def _setxattr(self, msg: m.SetXattr):
+        inode = self._inode(msg.ino)
+        self._check_xattr_name(msg.name)
+        if len(msg.value) > XATTR_VALUE_MAX:
+            raise FsError(errno.E2BIG, "attribute value too large")
+        xattrs = inode.xattrs or {}
+        total = sum(len(k) + len(v) for k, v in xattrs.items() if k != msg.name)
+        if total + len(msg.name) + len(msg.value) > XATTR_TOTAL_MAX:
+            raise FsError(errno.ENOSPC, "no space left for extended attributes")
+        ops = [m.PutXattr(inode.ino, msg.name, msg.value),
+               inode.put_op(ctime_ns=self._clock())]
+        return m.Ok(None, await self._commit(ops))
+
+    async def _removexattr(self, msg: m.RemoveXattr):
+        inode = self._inode(msg.ino)
+        self._check_xattr_name(msg.name)
+        if msg.name not in (inode.xattrs or {}):
+            raise FsError(pyfuse3.ENOATTR, "no such attribute")
+        ops = [m.DropXattr(inode.ino, msg.name), inode.put_op(ctime_ns=self._clock())]
+        return m.Ok(None, await self._commit(ops))
+
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE, "attribute name too long")
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FsError(errno.EOPNOTSUPP, "unsupported attribute namespace")
+
+    async def _commit_write(self, msg: m.CommitWrite):
+        inode = self._inode(msg.ino)
+        if inode.blocks is None:
+            raise FsError(errno.EINVAL, "not a regular file")
+        end = msg.offset + msg.length
+        if end > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, "file too large")
+        now = self._clock()
+        ops = [m.PutBlocks(inode.ino, msg.blocks),
+               inode.put_op(size=max(inode.size, end), mtime_ns=now, ctime_ns=now)]
+        lsn = await self._commit(ops)
+        return m.Ok(inode.attr(), lsn)

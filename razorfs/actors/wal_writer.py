@@ -1,0 +1,225 @@
+"""WAL writer actor: appends redo records, group commit, publishes the durable LSN.
+
+Records arrive in LSN order (``Append``, no reply) and wait in memory. A commit takes every record
+waiting at that moment, fsyncs the block store if data was written since the last commit (data
+before the records that point at it), writes the records with one pwrite into the current segment
+and fsyncs it once. Then every ``WaitDurable`` asker whose LSN is covered is answered. While that
+fsync runs, new records and askers queue up and form the next batch: that is group commit.
+
+A commit starts as soon as someone waits, when the oldest waiting record is ``commit_interval``
+old (the bound on loss without fsync, G4), or when the batch grows past ``MAX_BATCH_BYTES``.
+An I/O error of the log turns the whole filesystem failsafe (read-only): a log that may have lost
+a write cannot take more records after it.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+
+import structlog
+import trio
+
+from razorfs.actors import messages as m
+from razorfs.actors.mailbox import Envelope, Mailbox, handle_envelope, reply
+from razorfs.storage import formats
+from razorfs.storage.blockstore import BlockStore
+from razorfs.storage.interface import Storage, StorageFile
+from razorfs.storage.wal import list_segments
+
+log = structlog.get_logger("razorfs.wal")
+
+_ZEROS = bytes(1 << 20)
+
+
+class WalStatus:
+    """What the WAL writer publishes for others to read: written only by the WAL writer."""
+
+    def __init__(self) -> None:
+        self.durable_lsn = 0
+        self.failed: str | None = None
+
+
+class WalWriter:
+    SEGMENT_BYTES = 16 << 20
+    MAX_BATCH_BYTES = 4 << 20
+
+    def __init__(self, inbox: trio.MemoryReceiveChannel, storage: Storage, uuid: bytes,
+                 blocks: BlockStore, *, next_lsn: int, batch: int, commit_interval: float,
+                 allocator: Mailbox, status: WalStatus,
+                 segment_bytes: int | None = None) -> None:
+        self._inbox = inbox
+        self._storage = storage
+        self._uuid = uuid
+        self._blocks = blocks
+        self._commit_interval = commit_interval
+        self._allocator = allocator
+        self._status = status
+        self._segment_bytes = segment_bytes or self.SEGMENT_BYTES
+        self._segment: StorageFile | None = None
+        self._segment_offset = 0
+        self._durable_lsn = status.durable_lsn = next_lsn - 1
+        self._appended_lsn = next_lsn - 1
+        self._batch = batch
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
+        self._oldest_pending_at = math.inf
+        self._waiters: list[tuple[int, Envelope]] = []
+        self._failed: str | None = None
+        self._stats = {"batches": 0, "records": 0, "fsyncs": 0, "bytes_since_trim": 0}
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await trio.to_thread.run_sync(self._start_segment, self._durable_lsn + 1)
+        task_status.started()
+        try:
+            async with self._inbox:
+                await self._serve()
+        finally:
+            if self._segment is not None:
+                self._segment.close()
+            await self._allocator.aclose()
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                with trio.move_on_at(self._oldest_pending_at + self._commit_interval):
+                    await self._handle(await self._inbox.receive())
+                    while True:
+                        try:
+                            envelope = self._inbox.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        await self._handle(envelope)
+            except trio.EndOfChannel:
+                break
+            if self._commit_due():
+                await self._commit()
+        await self._commit()
+
+    def _commit_due(self) -> bool:
+        return bool(
+            any(lsn > self._durable_lsn for lsn, _ in self._waiters)
+            or self._pending_bytes >= self.MAX_BATCH_BYTES
+            or (self._pending
+                and trio.current_time() >= self._oldest_pending_at + self._commit_interval)
+        )
+
+    async def _handle(self, envelope: Envelope) -> None:
+        message = m.decode(envelope.payload)
+        if isinstance(message, m.Append):
+            self._append(message)
+        elif isinstance(message, m.WaitDurable):
+            if self._failed:
+                reply(envelope, m.Failed(errno.EIO, f"log failed: {self._failed}"))
+            elif message.lsn <= self._durable_lsn:
+                reply(envelope, m.Ok(self._durable_lsn))
+            else:
+                self._waiters.append((message.lsn, envelope))
+        else:
+            await handle_envelope(envelope, self._dispatch, "wal")
+
+    async def _dispatch(self, message):
+        if isinstance(message, m.TrimLog):
+            await self._commit()
+            await trio.to_thread.run_sync(self._trim, message.upto)
+            return None
+        if isinstance(message, m.WalStats):
+            s = self._stats
+            return (self._durable_lsn, s["batches"], s["records"], s["fsyncs"],
+                    s["bytes_since_trim"], self._failed)
+        raise TypeError(f"WAL writer does not handle {type(message).__name__}")
+
+    def _append(self, message: m.Append) -> None:
+        if message.lsn != self._appended_lsn + 1:
+            raise AssertionError(f"LSN {message.lsn} appended after {self._appended_lsn}")
+        self._appended_lsn = message.lsn
+        if self._failed:
+            return
+        if not self._pending:
+            self._oldest_pending_at = trio.current_time()
+        self._pending.append((message.lsn, message.payload))
+        self._pending_bytes += len(message.payload) + formats.RECORD_HEADER_SIZE
+
+    async def _commit(self) -> None:
+        if self._pending and not self._failed:
+            batch, self._pending = self._pending, []
+            self._pending_bytes = 0
+            self._oldest_pending_at = math.inf
+            self._batch += 1
+            data = b"".join(formats.encode_record(lsn, self._batch, payload)
+                            for lsn, payload in batch)
+            try:
+                if (self._segment_offset + len(data) > self._segment_bytes
+                        and self._segment_offset > formats.SEGMENT_HEADER_SIZE):
+                    await trio.to_thread.run_sync(self._start_segment, batch[0][0])
+                fsyncs = await trio.to_thread.run_sync(self._write_batch, data)
+            except OSError as exc:
+                self._fail(f"WAL write failed: {exc}")
+            else:
+                self._segment_offset += len(data)
+                self._durable_lsn = self._status.durable_lsn = batch[-1][0]
+                self._stats["batches"] += 1
+                self._stats["records"] += len(batch)
+                self._stats["fsyncs"] += fsyncs
+                self._stats["bytes_since_trim"] += len(data)
+                log.debug("group commit", records=len(batch), bytes=len(data),
+                          durable_lsn=self._durable_lsn, fsyncs=fsyncs)
+                await self._allocator.tell(m.DurableUpTo(self._durable_lsn))
+        self._answer_waiters()
+
+    def _answer_waiters(self) -> None:
+        still_waiting = []
+        for lsn, envelope in self._waiters:
+            if self._failed:
+                reply(envelope, m.Failed(errno.EIO, f"log failed: {self._failed}"))
+            elif lsn <= self._durable_lsn:
+                reply(envelope, m.Ok(self._durable_lsn))
+            else:
+                still_waiting.append((lsn, envelope))
+        self._waiters = still_waiting
+
+    def _write_batch(self, data: bytes) -> int:
+        data_synced = self._blocks.sync()
+        self._segment.pwrite(self._segment_offset, data)
+        self._segment.fsync()
+        return 2 if data_synced else 1
+
+    def _fail(self, reason: str) -> None:
+        self._failed = self._status.failed = reason
+        log.error("failsafe: log write failed, filesystem is now read-only", reason=reason)
+
+    def _start_segment(self, first_lsn: int) -> None:
+        """Create, zero-fill and fsync a new segment (and its directory entry) before any record
+        goes into it, so that later fdatasyncs of the segment need no metadata update."""
+        path = formats.segment_name(first_lsn)
+        segment = self._storage.open(path, create=True)
+        try:
+            segment.truncate(0)
+            header = formats.encode_segment_header(first_lsn, self._uuid)
+            segment.pwrite(0, header)
+            for offset in range(len(header), self._segment_bytes, len(_ZEROS)):
+                segment.pwrite(offset, _ZEROS[: min(len(_ZEROS), self._segment_bytes - offset)])
+            segment.fsync()
+            self._storage.fsync_dir(formats.WAL_DIR)
+        except BaseException:
+            segment.close()
+            raise
+        if self._segment is not None:
+            self._segment.close()
+        self._segment = segment
+        self._segment_offset = len(header)
+        log.debug("new WAL segment", path=path)
+
+    def _trim(self, upto: int) -> None:
+        """Delete segments whose every record is <= ``upto`` (covered by a checkpoint)."""
+        if self._segment_offset > formats.SEGMENT_HEADER_SIZE:
+            self._start_segment(self._durable_lsn + 1)
+        segments = list_segments(self._storage)
+        removed = 0
+        for (_, path), (next_first, _) in zip(segments, segments[1:]):
+            if next_first - 1 <= upto:
+                self._storage.unlink(path)
+                removed += 1
+        if removed:
+            self._storage.fsync_dir(formats.WAL_DIR)
+        self._stats["bytes_since_trim"] = 0

@@ -1,0 +1,186 @@
+"""``razorfs`` command line: mkfs, mount, umount, fsck, stats.
+
+Exit status: 0 success, 1 failure (fsck found problems, unmount failed), 2 bad input (missing or
+foreign data directory, locked, unknown format version, bad mountpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from razorfs import log as razorfs_log
+from razorfs.errors import UsageError
+from razorfs.storage.formats import FormatError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="razorfs", description="crash-safe FUSE filesystem")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mkfs = commands.add_parser("mkfs", help="create a filesystem in an empty data directory")
+    mkfs.add_argument("data_dir")
+
+    mount = commands.add_parser("mount", help="mount a data directory")
+    mount.add_argument("data_dir")
+    mount.add_argument("mountpoint")
+    mount.add_argument("--foreground", action="store_true",
+                       help="stay in the foreground (default: return once mounted)")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let users other than the mounting one access the mount")
+    mount.add_argument("--durability", choices=("fsync", "sync"), default="fsync",
+                       help="fsync: changes durable at fsync or within --commit-interval; "
+                            "sync: every change durable before its syscall returns")
+    mount.add_argument("--commit-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="longest time a change waits to be committed (default 1)")
+    mount.add_argument("--log-level", default="info",
+                       choices=("debug", "info", "warning", "error"))
+    mount.add_argument("--log-file", help="daemon log (default without --foreground: "
+                                          "DATA_DIR/razorfs.log)")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = commands.add_parser("umount", help="unmount and wait for the daemon to finish")
+    umount.add_argument("mountpoint")
+    umount.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+
+    fsck = commands.add_parser("fsck", help="check a data directory that is not mounted")
+    fsck.add_argument("data_dir")
+    fsck.add_argument("--quick", action="store_true", help="skip data block checksums")
+
+    stats = commands.add_parser("stats", help="live counters of a mount (not built yet)")
+    stats.add_argument("mountpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (UsageError, FormatError) as exc:
+        print(f"razorfs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _mkfs(args) -> int:
+    from razorfs.datadir import mkfs
+
+    superblock = mkfs(args.data_dir)
+    print(f"created razorfs in {args.data_dir} (uuid {superblock.uuid.hex()})")
+    return EXIT_OK
+
+
+def _mount(args) -> int:
+    from razorfs import daemon
+    from razorfs.datadir import check_data_dir
+
+    check_data_dir(args.data_dir)
+    daemon.check_mountpoint(args.mountpoint)
+    if not args.foreground:
+        return _mount_in_background(args)
+    stream = open(args.log_file, "a", buffering=1) if args.log_file else sys.stderr
+    razorfs_log.configure(args.log_level, stream)
+    options = daemon.MountOptions(
+        data_dir=args.data_dir, mountpoint=args.mountpoint, allow_other=args.allow_other,
+        sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
+        ready_fd=args.ready_fd)
+    return daemon.run(options)
+
+
+def _mount_in_background(args) -> int:
+    """Start the daemon detached and return once it says the mount is live (or failed)."""
+    log_file = args.log_file or os.path.join(args.data_dir, "razorfs.log")
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "razorfs", "mount", args.data_dir, args.mountpoint,
+               "--foreground", "--durability", args.durability,
+               "--commit-interval", str(args.commit_interval), "--log-level", args.log_level,
+               "--log-file", log_file, "--ready-fd", str(write_end)]
+    if args.allow_other:
+        command.append("--allow-other")
+    with open(log_file, "ab") as log_stream:
+        log_start = log_stream.tell()
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log_stream:
+        daemon_process = subprocess.Popen(command, stdin=devnull, stdout=log_stream,
+                                          stderr=log_stream, pass_fds=(write_end,),
+                                          start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        answer = ready.read(6)
+    if answer == b"ready\n":
+        print(f"mounted {args.data_dir} on {args.mountpoint} (daemon pid {daemon_process.pid}, "
+              f"log {log_file})")
+        return EXIT_OK
+    code = daemon_process.wait()
+    with open(log_file, "rb") as log_stream:
+        log_stream.seek(log_start)
+        lines = log_stream.read().decode(errors="replace").strip().splitlines()
+    print("\n".join(lines[-5:]) or f"razorfs mount: daemon exited with status {code}",
+          file=sys.stderr)
+    return code or EXIT_FAILED
+
+
+def _find_mount(mountpoint: str) -> str:
+    """The data directory of the razorfs mounted at ``mountpoint``."""
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            source, point, fstype = line.split()[:3]
+            if _unescape(point) == target and fstype == "fuse.razorfs":
+                return _unescape(source)
+    raise UsageError(f"{mountpoint}: no razorfs is mounted there")
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def _umount(args) -> int:
+    from razorfs.datadir import holder_pid
+
+    data_dir = _find_mount(args.mountpoint)
+    pid = holder_pid(data_dir)
+    result = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip()
+        if "busy" in reason:
+            reason = f"{args.mountpoint} is busy (files open or a process inside it): {reason}"
+        print(f"razorfs umount: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    deadline = time.monotonic() + args.timeout
+    while holder_pid(data_dir) is not None:
+        if time.monotonic() > deadline:
+            print(f"razorfs umount: daemon (pid {pid}) still running after {args.timeout}s",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(0.05)
+    print(f"unmounted {args.mountpoint}; daemon (pid {pid}) committed and exited")
+    return EXIT_OK
+
+
+def _fsck(args) -> int:
+    from razorfs import fsck
+    from razorfs.datadir import DataDirLock, check_data_dir
+
+    check_data_dir(args.data_dir)
+    with DataDirLock(args.data_dir):
+        report = fsck.run(args.data_dir, verify_data=not args.quick)
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}")
+    verdict = "clean" if report.clean else f"{len(report.problems)} problem(s)"
+    print(f"{args.data_dir}: {report.inodes} inodes, {report.blocks_checked} data blocks "
+          f"verified: {verdict}")
+    return EXIT_OK if report.clean else EXIT_FAILED
+
+
+def _stats(args) -> int:
+    raise UsageError("stats is not built yet (issue 6: live counters over a control channel)")
+
+
+_COMMANDS = {"mkfs": _mkfs, "mount": _mount, "umount": _umount, "fsck": _fsck, "stats": _stats}

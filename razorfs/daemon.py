@@ -1,0 +1,129 @@
+"""The mount daemon: lock the data directory, recover, mount, serve, and shut down cleanly.
+
+Start-up order: lock → recovery coordinator (which recovers, then starts allocator, WAL writer
+and tree manager) → pyfuse3 mount → "ready". Shutdown (unmount, SIGTERM or SIGINT): the FUSE
+loop ends, the FUSE layer's mailboxes close, the coordinator takes a final checkpoint and closes
+the tree manager, which closes the WAL writer (final commit), which closes the allocator.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import pyfuse3
+import structlog
+import trio
+
+from razorfs.actors.mailbox import open_mailbox
+from razorfs.actors.recovery import RecoveryCoordinator, Tuning
+from razorfs.datadir import DataDirLock, check_data_dir
+from razorfs.errors import UsageError
+from razorfs.fuse.operations import Operations
+from razorfs.storage.files import FileStorage
+
+log = structlog.get_logger("razorfs.daemon")
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    data_dir: str
+    mountpoint: str
+    allow_other: bool = False
+    sync_writes: bool = False
+    commit_interval: float = 1.0
+    ready_fd: int | None = None
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: mountpoint does not exist or is not a directory")
+    try:
+        os.stat(path)
+    except OSError as exc:
+        raise UsageError(f"{path}: mountpoint is not usable ({exc.strerror}); if a razorfs "
+                         f"daemon died there, run `fusermount3 -u {path}` first") from None
+    if os.path.ismount(path):
+        raise UsageError(f"{path}: something is already mounted there")
+
+
+def notify_systemd(message: str) -> None:
+    """sd_notify: a datagram to $NOTIFY_SOCKET, if systemd gave us one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+def run(options: MountOptions) -> int:
+    """Mount and serve until unmounted; raises UsageError for bad input before mounting."""
+    data_dir = os.path.abspath(options.data_dir)
+    mountpoint = os.path.abspath(options.mountpoint)
+    check_data_dir(data_dir)
+    check_mountpoint(mountpoint)
+    with DataDirLock(data_dir):
+        storage = FileStorage(data_dir)
+        trio.run(_serve, storage, data_dir, mountpoint, options)
+    log.info("stopped cleanly", data_dir=data_dir)
+    return 0
+
+
+async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
+                 options: MountOptions) -> None:
+    coordinator, coordinator_inbox = open_mailbox()
+    tuning = Tuning(commit_interval=options.commit_interval)
+    async with trio.open_nursery() as actors:
+        notify_systemd("STATUS=recovering")
+        handles = await actors.start(RecoveryCoordinator(coordinator_inbox, storage, tuning).run)
+        try:
+            await _mount_and_serve(handles, data_dir, mountpoint, options)
+        finally:
+            # Closing the coordinator's inbox: final checkpoint, then every actor stops.
+            await coordinator.aclose()
+
+
+async def _mount_and_serve(handles, data_dir: str, mountpoint: str,
+                           options: MountOptions) -> None:
+    operations = Operations(handles, sync_writes=options.sync_writes)
+    fuse_options = set(pyfuse3.default_options) | {f"fsname={data_dir}", "subtype=razorfs"}
+    if options.allow_other:
+        fuse_options.add("allow_other")
+    try:
+        pyfuse3.init(operations, mountpoint, fuse_options)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signals)
+                _announce_ready(options, data_dir, mountpoint, handles)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            notify_systemd("STOPPING=1")
+            pyfuse3.close(unmount=True)
+            log.info("unmounted; committing and checkpointing", mountpoint=mountpoint)
+    finally:
+        await operations.close_mailboxes()
+
+
+def _announce_ready(options: MountOptions, data_dir: str, mountpoint: str, handles) -> None:
+    recovered = handles.recovered
+    log.info("mounted", data_dir=data_dir, mountpoint=mountpoint,
+             replayed=recovered.replayed, orphans_reclaimed=recovered.orphans,
+             durability="sync" if options.sync_writes else "fsync")
+    notify_systemd(f"READY=1\nSTATUS=mounted, replayed {recovered.replayed} WAL records")
+    if options.ready_fd is not None:
+        os.write(options.ready_fd, b"ready\n")
+        os.close(options.ready_fd)
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal received; unmounting", signal=signal.Signals(signum).name)
+            pyfuse3.terminate()
+

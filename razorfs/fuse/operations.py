@@ -1,0 +1,439 @@
+"""pyfuse3 Operations: each kernel request becomes one actor transaction.
+
+Metadata requests are one ``ask`` to the tree manager. File data never travels through actors:
+a write allocates fresh blocks (allocator), writes them to the block store from a worker thread
+(copy-on-write: committed blocks are never overwritten), then commits the new mapping to the tree
+manager, whose WAL record is written only after the block store is fsynced (ordered mode). A
+read asks for the mapping and reads and verifies the blocks from a worker thread.
+
+Writes and truncates of one inode are serialised by a per-inode lock held here, because a write
+covering part of a block must read that block's current bytes and write them back merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pyfuse3
+import structlog
+import trio
+
+from razorfs.actors import messages as m
+from razorfs.actors.block_allocator import BlockAllocator
+from razorfs.actors.recovery import Handles
+from razorfs.errors import FsError
+from razorfs.fuse.errors import fuse_edge
+from razorfs.storage.formats import BLOCK_SIZE, crc
+
+log = structlog.get_logger("razorfs.fuse")
+
+READDIR_BATCH = 256
+ATTR_TIMEOUT = 1.0
+
+
+class ChecksumMismatch(Exception):
+    def __init__(self, lblk: int, pblk: int) -> None:
+        super().__init__(lblk, pblk)
+        self.lblk = lblk
+        self.pblk = pblk
+
+
+@dataclass
+class OpenFile:
+    ino: int
+    flags: int
+
+
+def entry_attributes(attr: tuple) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    (entry.st_ino, entry.st_mode, entry.st_nlink, entry.st_uid, entry.st_gid, entry.st_rdev,
+     entry.st_size, entry.st_blocks, entry.st_atime_ns, entry.st_mtime_ns,
+     entry.st_ctime_ns) = attr
+    entry.st_blksize = BLOCK_SIZE
+    entry.generation = 0
+    entry.entry_timeout = ATTR_TIMEOUT
+    entry.attr_timeout = ATTR_TIMEOUT
+    return entry
+
+
+def read_blocks(blocks, first: int, count: int, triples: tuple) -> bytearray:
+    """Blocks ``first``..``first+count-1`` of a file: mapped ones read and verified, holes zero.
+    Runs of consecutive physical blocks are read with one pread."""
+    buffer = bytearray(count * BLOCK_SIZE)
+    i = 0
+    while i < len(triples):
+        run_start = i
+        while (i + 3 < len(triples) and triples[i + 3] == triples[i] + 1
+               and triples[i + 4] == triples[i + 1] + 1):
+            i += 3
+        i += 3
+        first_lblk, first_pblk = triples[run_start], triples[run_start + 1]
+        length = (i - run_start) // 3
+        data = blocks.read_run(first_pblk, length)
+        for k in range(length):
+            chunk = data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
+            if crc(chunk) != triples[run_start + 3 * k + 2]:
+                raise ChecksumMismatch(first_lblk + k, first_pblk + k)
+        offset = (first_lblk - first) * BLOCK_SIZE
+        buffer[offset : offset + len(data)] = data
+    return buffer
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, handles: Handles, *, sync_writes: bool = False,
+                 reraise_unexpected: bool = False) -> None:
+        super().__init__()
+        self._tree = handles.tree
+        self._wal = handles.wal
+        self._allocator = handles.allocator
+        self._blocks = handles.blocks
+        self._wal_status = handles.wal_status
+        self._sync_writes = sync_writes
+        self.reraise_unexpected = reraise_unexpected
+        self.unexpected_errors = 0
+        self._open_files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self._inode_locks: dict[int, list] = {}
+
+    async def close_mailboxes(self) -> None:
+        for mailbox in (self._tree, self._wal, self._allocator):
+            await mailbox.aclose()
+
+    # ---- helpers ----
+
+    async def _settle(self, lsn: int) -> None:
+        """In --durability=sync, a change is durable before its syscall returns (G2)."""
+        if self._sync_writes and lsn:
+            await self._wal.ask(m.WaitDurable(lsn))
+
+    async def _change(self, message) -> m.Ok:
+        reply = await self._tree.ask(message)
+        await self._settle(reply.lsn)
+        return reply
+
+    async def _make(self, message) -> pyfuse3.EntryAttributes:
+        return entry_attributes((await self._change(message)).value)
+
+    async def _sync_all(self) -> None:
+        lsn = (await self._tree.ask(m.SyncPoint())).value
+        await self._wal.ask(m.WaitDurable(lsn))
+
+    @asynccontextmanager
+    async def _exclusive(self, ino: int):
+        entry = self._inode_locks.get(ino)
+        if entry is None:
+            entry = self._inode_locks[ino] = [trio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._inode_locks[ino]
+
+    def _new_fh(self, ino: int, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open_files[fh] = OpenFile(ino, flags)
+        return fh
+
+    def _open_file(self, fh: int) -> OpenFile:
+        try:
+            return self._open_files[fh]
+        except KeyError:
+            raise FsError(errno.EBADF, f"unknown file handle {fh}") from None
+
+    async def _read_range(self, ino: int, first: int, count: int) -> tuple[int, bytearray]:
+        """(file size, bytes of blocks first..first+count-1), verified against checksums."""
+        for attempt in (1, 2):
+            size, triples = (await self._tree.ask(m.MapBlocks(ino, first, count))).value
+            try:
+                return size, await trio.to_thread.run_sync(read_blocks, self._blocks, first,
+                                                           count, triples)
+            except ChecksumMismatch as exc:
+                # A concurrent write may have replaced and freed the block after we mapped it:
+                # map again once before calling it corruption.
+                if attempt == 2:
+                    log.error("data block checksum mismatch", inode=ino,
+                              offset=exc.lblk * BLOCK_SIZE, block=exc.pblk)
+                    raise FsError(errno.EIO, "data block checksum mismatch") from None
+            except OSError as exc:
+                log.error("block store read failed", inode=ino, error=str(exc))
+                raise FsError(errno.EIO, f"block store read failed: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def _write_blocks(self, first: int, buffer: bytearray) -> tuple:
+        """Write whole blocks to freshly allocated space; return flat (lblk, pblk, crc)."""
+        count = len(buffer) // BLOCK_SIZE
+        extents = (await self._allocator.ask(m.Allocate(count))).value
+        try:
+            crcs = await trio.to_thread.run_sync(self._blocks.write, extents, buffer)
+        except OSError as exc:
+            await self._allocator.tell(m.Release(extents))
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FsError(errno.ENOSPC, "no space left on the data directory's disk") from None
+            await self._tree.tell(m.EnterFailsafe(f"block store write failed: {exc}"))
+            raise FsError(errno.EIO, f"block store write failed: {exc}") from None
+        triples = []
+        lblk = first
+        for i in range(0, len(extents), 2):
+            for pblk in range(extents[i], extents[i] + extents[i + 1]):
+                triples.extend((lblk, pblk, crcs[lblk - first]))
+                lblk += 1
+        return extents, tuple(triples)
+
+    def _refuse_if_failsafe(self) -> None:
+        if self._wal_status.failed:
+            raise FsError(errno.EROFS, f"read-only (failsafe): {self._wal_status.failed}")
+
+    # ---- metadata ----
+
+    @fuse_edge
+    async def lookup(self, parent_inode, name, ctx=None):
+        return entry_attributes((await self._tree.ask(m.Lookup(parent_inode, name))).value)
+
+    @fuse_edge
+    async def forget(self, inode_list, *unused):
+        pairs = tuple(value for pair in inode_list for value in pair)
+        await self._tree.tell(m.Forget(pairs))
+
+    @fuse_edge
+    async def getattr(self, inode, ctx=None):
+        return entry_attributes((await self._tree.ask(m.GetAttr(inode))).value)
+
+    @fuse_edge
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        message = m.SetAttr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        if not fields.update_size:
+            return entry_attributes((await self._change(message)).value)
+        self._refuse_if_failsafe()
+        size = attr.st_size
+        async with self._exclusive(inode):
+            tail = None
+            extents = ()
+            if size % BLOCK_SIZE:
+                # Zero the bytes past the new end inside the last block, copy-on-write, so that
+                # growing the file later never brings old bytes back.
+                tail_lblk = size // BLOCK_SIZE
+                current_size, triples = (await self._tree.ask(
+                    m.MapBlocks(inode, tail_lblk, 1))).value
+                if triples and size < current_size:
+                    _, block = await self._read_range(inode, tail_lblk, 1)
+                    block[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
+                    extents, tail = await self._write_blocks(tail_lblk, block)
+            try:
+                reply = await self._tree.ask(dataclasses.replace(message, size=size, tail=tail))
+            except BaseException:
+                if extents:
+                    await self._allocator.tell(m.Release(extents))
+                raise
+        await self._settle(reply.lsn)
+        return entry_attributes(reply.value)
+
+    @fuse_edge
+    async def readlink(self, inode, ctx):
+        return (await self._tree.ask(m.ReadLink(inode))).value
+
+    @fuse_edge
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return await self._make(m.MakeNode(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @fuse_edge
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return await self._make(m.MakeNode(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode),
+                                           0, ctx.uid, ctx.gid))
+
+    @fuse_edge
+    async def symlink(self, parent_inode, name, target, ctx):
+        return await self._make(m.MakeNode(parent_inode, name, stat.S_IFLNK | 0o777, 0, ctx.uid,
+                                           ctx.gid, target))
+
+    @fuse_edge
+    async def unlink(self, parent_inode, name, ctx):
+        await self._change(m.Remove(parent_inode, name, False))
+
+    @fuse_edge
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._change(m.Remove(parent_inode, name, True))
+
+    @fuse_edge
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._change(m.Rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                    flags))
+
+    @fuse_edge
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return await self._make(m.Link(inode, new_parent_inode, new_name))
+
+    @fuse_edge
+    async def statfs(self, ctx):
+        used, free_in_store, pending = (await self._allocator.ask(m.SpaceStats())).value
+        inodes = (await self._tree.ask(m.TreeStats())).value[0]
+        space = await trio.to_thread.run_sync(self._blocks_space)
+        disk_free = max(0, space - free_in_store)
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = BLOCK_SIZE
+        stats.f_blocks = used + pending + free_in_store + disk_free
+        stats.f_bfree = stats.f_bavail = free_in_store + disk_free
+        stats.f_ffree = stats.f_favail = 1 << 32
+        stats.f_files = inodes + stats.f_ffree
+        stats.f_namemax = 255
+        return stats
+
+    def _blocks_space(self) -> int:
+        """Blocks the disk under the data directory can still give us, less the log reserve."""
+        available = self._blocks.disk_space().available - BlockAllocator.RESERVED_BYTES
+        return max(0, available // BLOCK_SIZE)
+
+    # ---- xattrs ----
+
+    @fuse_edge
+    async def getxattr(self, inode, name, ctx):
+        return (await self._tree.ask(m.GetXattr(inode, name))).value
+
+    @fuse_edge
+    async def setxattr(self, inode, name, value, ctx):
+        await self._change(m.SetXattr(inode, name, value))
+
+    @fuse_edge
+    async def listxattr(self, inode, ctx):
+        return list((await self._tree.ask(m.ListXattr(inode))).value)
+
+    @fuse_edge
+    async def removexattr(self, inode, name, ctx):
+        await self._change(m.RemoveXattr(inode, name))
+
+    @fuse_edge
+    async def access(self, inode, mode, ctx):
+        # default_permissions is always on: the kernel checks permissions itself.
+        await self._tree.ask(m.GetAttr(inode))
+        return True
+
+    # ---- files ----
+
+    @fuse_edge
+    async def open(self, inode, flags, ctx):
+        await self._tree.ask(m.GetAttr(inode))
+        return pyfuse3.FileInfo(fh=self._new_fh(inode, flags), keep_cache=True)
+
+    @fuse_edge
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        entry = await self._make(m.MakeNode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode),
+                                            0, ctx.uid, ctx.gid))
+        return pyfuse3.FileInfo(fh=self._new_fh(entry.st_ino, flags)), entry
+
+    @fuse_edge
+    async def read(self, fh, off, size):
+        ino = self._open_file(fh).ino
+        if size <= 0:
+            return b""
+        first = off // BLOCK_SIZE
+        count = (off + size - 1) // BLOCK_SIZE - first + 1
+        file_size, data = await self._read_range(ino, first, count)
+        end = min(off + size, file_size)
+        if off >= end:
+            return b""
+        start = off - first * BLOCK_SIZE
+        return bytes(data[start : start + end - off])
+
+    @fuse_edge
+    async def write(self, fh, off, buf):
+        ino = self._open_file(fh).ino
+        if not buf:
+            return 0
+        self._refuse_if_failsafe()
+        first = off // BLOCK_SIZE
+        last = (off + len(buf) - 1) // BLOCK_SIZE
+        start = off - first * BLOCK_SIZE
+        async with self._exclusive(ino):
+            head_partial = start != 0
+            tail_partial = (off + len(buf)) % BLOCK_SIZE != 0
+            if head_partial or tail_partial:
+                buffer = await self._merge_partial(ino, first, last, head_partial, tail_partial)
+            else:
+                buffer = bytearray(len(buf))
+            buffer[start : start + len(buf)] = buf
+            extents, triples = await self._write_blocks(first, buffer)
+            try:
+                reply = await self._tree.ask(m.CommitWrite(ino, off, len(buf), triples))
+            except BaseException:
+                await self._allocator.tell(m.Release(extents))
+                raise
+        await self._settle(reply.lsn)
+        return len(buf)
+
+    async def _merge_partial(self, ino: int, first: int, last: int, head: bool,
+                             tail: bool) -> bytearray:
+        """A buffer for blocks first..last holding the current bytes of the partially
+        overwritten first and last blocks (the rest is overwritten anyway)."""
+        buffer = bytearray((last - first + 1) * BLOCK_SIZE)
+        if head:
+            _, block = await self._read_range(ino, first, 1)
+            buffer[:BLOCK_SIZE] = block
+        if tail and (last != first or not head):
+            _, block = await self._read_range(ino, last, 1)
+            buffer[-BLOCK_SIZE:] = block
+        return buffer
+
+    @fuse_edge
+    async def flush(self, fh):
+        self._open_file(fh)
+
+    @fuse_edge
+    async def release(self, fh):
+        self._open_files.pop(fh, None)
+
+    @fuse_edge
+    async def fsync(self, fh, datasync):
+        self._open_file(fh)
+        await self._sync_all()
+
+    # ---- directories ----
+
+    @fuse_edge
+    async def opendir(self, inode, ctx):
+        attr = (await self._tree.ask(m.GetAttr(inode))).value
+        if not stat.S_ISDIR(attr[1]):
+            raise FsError(errno.ENOTDIR)
+        return self._new_fh(inode, os.O_RDONLY)
+
+    @fuse_edge
+    async def readdir(self, fh, start_id, token):
+        ino = self._open_file(fh).ino
+        after = start_id
+        while True:
+            entries = (await self._tree.ask(m.ReadDir(ino, after, READDIR_BATCH))).value
+            for index, (name, cookie, attr) in enumerate(entries):
+                if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie):
+                    # Each returned entry counted as a lookup; the kernel took none of these.
+                    rejected = tuple(v for e in entries[index:] for v in (e[2][0], 1))
+                    await self._tree.tell(m.Forget(rejected))
+                    return
+            if len(entries) < READDIR_BATCH:
+                return
+            after = entries[-1][1]
+
+    @fuse_edge
+    async def releasedir(self, fh):
+        self._open_files.pop(fh, None)
+
+    @fuse_edge
+    async def fsyncdir(self, fh, datasync):
+        self._open_file(fh)
+        await self._sync_all()

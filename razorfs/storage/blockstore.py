@@ -1,0 +1,66 @@
+"""The block store: fixed-size, copy-on-write data blocks in one file (layout in ``formats``).
+
+Stateless apart from the open file and a write generation: FUSE handlers call it from worker
+threads, the WAL writer calls ``sync`` before each group commit (data before the log records
+that point at it: ordered mode) and skips that fsync when nothing was written since the last.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+from razorfs.storage.formats import BLOCK_SIZE, BLOCKS_PATH, crc
+from razorfs.storage.interface import SpaceInfo, Storage
+
+
+class BlockStore:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._file = storage.open(BLOCKS_PATH, create=True)
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._synced_generation = 0
+
+    def disk_space(self) -> SpaceInfo:
+        return self._storage.space()
+
+    def block_count(self) -> int:
+        return self._file.size() // BLOCK_SIZE
+
+    def write(self, extents: tuple, data: bytes | memoryview) -> list[int]:
+        """Write ``data`` (whole blocks) into the flat (start, length, ...) extents; return the
+        CRC of each block in order."""
+        view = memoryview(data)
+        position = 0
+        for i in range(0, len(extents), 2):
+            start, length = extents[i], extents[i + 1]
+            size = length * BLOCK_SIZE
+            self._file.pwrite(start * BLOCK_SIZE, view[position : position + size])
+            position += size
+        if position != len(view):
+            raise ValueError("extents do not cover the data")
+        with self._lock:
+            # After the pwrite, not before: a commit that sees this generation must cover it.
+            self._generation += 1
+        return [crc(view[i : i + BLOCK_SIZE]) for i in range(0, len(view), BLOCK_SIZE)]
+
+    def read_run(self, first_pblk: int, count: int) -> bytes:
+        data = self._file.pread(first_pblk * BLOCK_SIZE, count * BLOCK_SIZE)
+        if len(data) != count * BLOCK_SIZE:
+            raise OSError(errno.EIO, f"block store short read at block {first_pblk}")
+        return data
+
+    def sync(self) -> bool:
+        """fsync the store if anything was written since the last sync; True if it did."""
+        with self._lock:
+            generation = self._generation
+        if generation == self._synced_generation:
+            return False
+        self._file.fsync()
+        self._synced_generation = generation
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+

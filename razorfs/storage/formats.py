@@ -1,0 +1,265 @@
+"""Every on-disk format of a razorfs data directory, and the rule that says when each is valid.
+
+All integers are little-endian. CRC means CRC-32C (Castagnoli, the ``crc32c`` package: hardware
+SSE4.2/ARMv8 instructions, ~10 GB/s, where ``zlib.crc32`` is slower and detects fewer burst errors).
+
+DATA_DIR/
+  superblock            written once by mkfs (temp file, fsync, rename, fsync dir)
+  lock                  flock()ed by the one daemon (or fsck) using the directory; holds its pid
+  blocks                the block store: block N lives at byte N * BLOCK_SIZE
+  wal/<LSN:016x>.wal    WAL segments, named by the first LSN they may hold
+  checkpoints/<LSN:016x>.ckpt   metadata snapshots, as of LSN (all records <= LSN applied)
+
+superblock (64 bytes)
+  0   8  magic  b"RAZORFS\\0"
+  8   4  format version (FORMAT_VERSION); any other value is refused
+  12  4  block size (BLOCK_SIZE)
+  16 16  filesystem uuid (WAL segments and checkpoints carry it, so a file from another
+         filesystem copied in is never replayed)
+  32  8  creation time, ns since the epoch
+  40 20  reserved, zero
+  60  4  CRC of bytes 0..59
+  Valid iff the magic, the CRC and the version match.
+
+WAL segment
+  header (32 bytes)
+    0  8  magic b"RZWALSEG"
+    8  4  format version
+    12 4  reserved, zero
+    16 8  first LSN of the segment (equal to the number in its name)
+    24 4  first 4 bytes of the filesystem uuid
+    28 4  CRC of bytes 0..27
+  then records, each starting at an 8-byte aligned offset:
+    0  4  magic b"RZR1"
+    4  4  payload length P (<= MAX_RECORD)
+    8  8  LSN: one transaction = one record, LSNs are consecutive across segments
+    16 8  batch: the group-commit number that wrote the record (one pwrite + one fsync per batch)
+    24 4  CRC of bytes 4..23 followed by the payload
+    28 4  reserved, zero
+    32 P  payload: msgpack of the transaction's redo operations (razorfs.actors.messages)
+    then zero padding to a multiple of 8.
+  A segment is preallocated with zeros, so the log's end is the first slot that is not a valid
+  record: wrong magic, bad CRC, or an LSN that is not the previous one plus one.
+
+  Torn tail versus corruption. A batch is written only after the previous batch's fsync returned.
+  So when the scan stops at an invalid record and *any* valid record of a later batch than the
+  one being written (last good batch + 1 when the bad slot started a new batch) exists further on
+  (in this or a later segment), the damaged record was once durable: that is corruption, and the
+  mount is refused naming file and offset. Otherwise the damage is confined to the last batch,
+  which was never acknowledged: a torn tail, cut off by recovery.
+
+checkpoint
+  header (48 bytes)
+    0  8  magic b"RZCKPT\\0\\0"
+    8  4  format version
+    12 4  reserved, zero
+    16 8  LSN the snapshot is as of
+    24 8  body length B
+    32 4  first 4 bytes of the filesystem uuid
+    36 4  CRC of the body
+    40 4  reserved, zero
+    44 4  CRC of bytes 0..43
+  body: msgpack of the tree state (razorfs.tree.TreeState.to_snapshot)
+  Valid iff both CRCs match and the file holds exactly 48 + B bytes. Written to a temp name,
+  fsynced, renamed, directory fsynced: a crash leaves the old or the new file, never a mix.
+
+block store
+  Block N is the BLOCK_SIZE bytes at offset N * BLOCK_SIZE of ``blocks``. Blocks carry no header:
+  each inode's extent map holds, per block, (physical block, CRC of its BLOCK_SIZE bytes), and a
+  read whose CRC does not match returns EIO. Blocks are copy-on-write: a committed block is never
+  rewritten, so a crash can only damage blocks no committed state points to.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+
+FORMAT_VERSION = 1
+BLOCK_SIZE = 4096
+MAX_RECORD = 64 << 20
+
+SUPERBLOCK_PATH = "superblock"
+LOCK_PATH = "lock"
+BLOCKS_PATH = "blocks"
+WAL_DIR = "wal"
+CHECKPOINT_DIR = "checkpoints"
+
+SUPERBLOCK_MAGIC = b"RAZORFS\0"
+SEGMENT_MAGIC = b"RZWALSEG"
+RECORD_MAGIC = b"RZR1"
+CHECKPOINT_MAGIC = b"RZCKPT\0\0"
+
+_SUPERBLOCK = struct.Struct("<8sII16sQ20s")
+_SEGMENT_HEADER = struct.Struct("<8sIIQ4s")
+_RECORD_HEADER = struct.Struct("<4sIQQII")
+_CHECKPOINT_HEADER = struct.Struct("<8sIIQQ4sII")
+
+SUPERBLOCK_SIZE = _SUPERBLOCK.size + 4
+SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size + 4
+RECORD_HEADER_SIZE = _RECORD_HEADER.size
+CHECKPOINT_HEADER_SIZE = _CHECKPOINT_HEADER.size + 4
+
+
+def crc(data: bytes, value: int = 0) -> int:
+    return _crc32c.crc32c(data, value)
+
+
+class FormatError(Exception):
+    """An on-disk structure is invalid; the message names what and where."""
+
+
+@dataclass(frozen=True)
+class Superblock:
+    version: int
+    block_size: int
+    uuid: bytes
+    created_ns: int
+
+    def encode(self) -> bytes:
+        body = _SUPERBLOCK.pack(
+            SUPERBLOCK_MAGIC, self.version, self.block_size, self.uuid, self.created_ns, bytes(20)
+        )
+        return body + struct.pack("<I", crc(body))
+
+    @classmethod
+    def decode(cls, data: bytes, where: str = SUPERBLOCK_PATH) -> Superblock:
+        if len(data) != SUPERBLOCK_SIZE or data[:8] != SUPERBLOCK_MAGIC:
+            raise FormatError(f"{where}: not a razorfs superblock")
+        body, (stored,) = data[:-4], struct.unpack("<I", data[-4:])
+        if crc(body) != stored:
+            raise FormatError(f"{where}: superblock checksum mismatch")
+        _, version, block_size, uuid, created_ns, _ = _SUPERBLOCK.unpack(body)
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"{where}: format version {version} is not supported "
+                f"(this razorfs reads version {FORMAT_VERSION})"
+            )
+        if block_size != BLOCK_SIZE:
+            raise FormatError(f"{where}: block size {block_size} is not supported")
+        return cls(version, block_size, uuid, created_ns)
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{WAL_DIR}/{first_lsn:016x}.wal"
+
+
+def parse_lsn_name(name: str, suffix: str) -> int | None:
+    stem, dot, ext = name.partition(".")
+    if dot and "." + ext == suffix and len(stem) == 16:
+        try:
+            return int(stem, 16)
+        except ValueError:
+            return None
+    return None
+
+
+def encode_segment_header(first_lsn: int, uuid: bytes) -> bytes:
+    body = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, first_lsn, uuid[:4])
+    return body + struct.pack("<I", crc(body))
+
+
+def decode_segment_header(data: bytes, uuid: bytes, where: str) -> int:
+    """Return the segment's first LSN, or raise FormatError."""
+    if len(data) < SEGMENT_HEADER_SIZE or data[:8] != SEGMENT_MAGIC:
+        raise FormatError(f"{where}: not a razorfs WAL segment")
+    body = data[: _SEGMENT_HEADER.size]
+    (stored,) = struct.unpack_from("<I", data, _SEGMENT_HEADER.size)
+    if crc(body) != stored:
+        raise FormatError(f"{where}: WAL segment header checksum mismatch at offset 0")
+    _, version, _, first_lsn, uuid_prefix = _SEGMENT_HEADER.unpack(body)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{where}: WAL format version {version} is not supported")
+    if uuid_prefix != uuid[:4]:
+        raise FormatError(f"{where}: WAL segment belongs to another filesystem")
+    return first_lsn
+
+
+def _padded(length: int) -> int:
+    return (length + 7) & ~7
+
+
+def encode_record(lsn: int, batch: int, payload: bytes) -> bytes:
+    length = len(payload)
+    if length > MAX_RECORD:
+        raise ValueError(f"WAL record of {length} bytes exceeds {MAX_RECORD}")
+    fields = struct.pack("<IQQ", length, lsn, batch)
+    checksum = crc(payload, crc(fields))
+    header = _RECORD_HEADER.pack(RECORD_MAGIC, length, lsn, batch, checksum, 0)
+    return header + payload + bytes(_padded(length) - length)
+
+
+@dataclass(frozen=True)
+class Record:
+    offset: int
+    lsn: int
+    batch: int
+    payload: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + RECORD_HEADER_SIZE + _padded(len(self.payload))
+
+
+def decode_record(data: bytes, offset: int) -> Record | None:
+    """The valid record at ``offset`` of a segment's bytes, or None."""
+    if offset + RECORD_HEADER_SIZE > len(data):
+        return None
+    magic, length, lsn, batch, stored, _ = _RECORD_HEADER.unpack_from(data, offset)
+    if magic != RECORD_MAGIC or length > MAX_RECORD:
+        return None
+    start = offset + RECORD_HEADER_SIZE
+    if start + length > len(data):
+        return None
+    payload = data[start : start + length]
+    if crc(payload, crc(data[offset + 4 : offset + 24])) != stored:
+        return None
+    return Record(offset, lsn, batch, bytes(payload))
+
+
+def find_valid_records_after(data: bytes, offset: int):
+    """Every valid record starting at or after ``offset`` (8-aligned scan, jumping by magic)."""
+    position = data.find(RECORD_MAGIC, offset)
+    while position >= 0:
+        if position % 8 == 0:
+            record = decode_record(data, position)
+            if record is not None:
+                yield record
+        position = data.find(RECORD_MAGIC, position + 1)
+
+
+def encode_checkpoint(lsn: int, uuid: bytes, body: bytes) -> bytes:
+    head = _CHECKPOINT_HEADER.pack(
+        CHECKPOINT_MAGIC, FORMAT_VERSION, 0, lsn, len(body), uuid[:4], crc(body), 0
+    )
+    return head + struct.pack("<I", crc(head)) + body
+
+
+def decode_checkpoint(data: bytes, uuid: bytes, where: str) -> tuple[int, bytes]:
+    """Return (lsn, body) of a valid checkpoint, or raise FormatError naming the problem."""
+    if len(data) < CHECKPOINT_HEADER_SIZE or data[:8] != CHECKPOINT_MAGIC:
+        raise FormatError(f"{where}: not a razorfs checkpoint")
+    head = data[: _CHECKPOINT_HEADER.size]
+    (stored,) = struct.unpack_from("<I", data, _CHECKPOINT_HEADER.size)
+    if crc(head) != stored:
+        raise FormatError(f"{where}: checkpoint header checksum mismatch at offset 0")
+    _, version, _, lsn, length, uuid_prefix, body_crc, _ = _CHECKPOINT_HEADER.unpack(head)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{where}: checkpoint format version {version} is not supported")
+    if uuid_prefix != uuid[:4]:
+        raise FormatError(f"{where}: checkpoint belongs to another filesystem")
+    body = data[CHECKPOINT_HEADER_SIZE:]
+    if len(body) != length:
+        raise FormatError(f"{where}: checkpoint truncated ({len(body)} of {length} body bytes)")
+    if crc(body) != body_crc:
+        raise FormatError(
+            f"{where}: checkpoint body checksum mismatch (bytes {CHECKPOINT_HEADER_SIZE}.."
+            f"{CHECKPOINT_HEADER_SIZE + length})"
+        )
+    return lsn, body
+
+
+def checkpoint_name(lsn: int) -> str:
+    return f"{CHECKPOINT_DIR}/{lsn:016x}.ckpt"

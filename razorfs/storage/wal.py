@@ -1,0 +1,133 @@
+"""Reading the WAL back: the valid records in LSN order, and where the log ends.
+
+The byte layout and the torn-tail rule are in ``formats``. ``scan_log`` applies that rule; it
+never changes the disk (recovery cuts the tail afterwards, fsck only reports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from razorfs.storage import formats
+from razorfs.storage.formats import FormatError
+from razorfs.storage.interface import Storage
+
+
+@dataclass
+class LogEnd:
+    """Where the valid log stops: the segment and offset of the first slot that is not the next
+    record, and why (None when the segment simply ended)."""
+
+    segment: str
+    offset: int
+    reason: str | None
+
+
+@dataclass
+class LogScan:
+    records: list[formats.Record] = field(default_factory=list)
+    segments: list[tuple[int, str]] = field(default_factory=list)
+    end: LogEnd | None = None
+    last_batch: int = 0
+
+    @property
+    def last_lsn(self) -> int | None:
+        return self.records[-1].lsn if self.records else None
+
+
+def list_segments(storage: Storage) -> list[tuple[int, str]]:
+    """(first LSN, path) of every WAL segment, in LSN order."""
+    found = []
+    for name in storage.listdir(formats.WAL_DIR):
+        lsn = formats.parse_lsn_name(name, ".wal")
+        if lsn is not None:
+            found.append((lsn, f"{formats.WAL_DIR}/{name}"))
+    return sorted(found)
+
+
+def scan_log(storage: Storage, uuid: bytes, after_lsn: int) -> LogScan:
+    """Every valid record with an LSN greater than ``after_lsn``, in order.
+
+    Raises FormatError when the log is damaged somewhere other than its tail, or when records
+    after ``after_lsn`` are missing (a gap between the checkpoint and the oldest segment).
+    """
+    scan = LogScan(segments=list_segments(storage))
+    contents = []
+    for first_lsn, path in scan.segments:
+        contents.append((first_lsn, path, storage.read_file(path)))
+
+    expected = None  # LSN the next record must carry, once the first record is known
+    for index, (first_lsn, path, data) in enumerate(contents):
+        try:
+            header_lsn = formats.decode_segment_header(data, uuid, path)
+        except FormatError as exc:
+            _ensure_tail(contents, index, formats.SEGMENT_HEADER_SIZE, scan.last_batch, str(exc))
+            scan.end = LogEnd(path, 0, str(exc))
+            return _finish(scan, after_lsn)
+        if header_lsn != first_lsn:
+            raise FormatError(f"{path}: header says first LSN {header_lsn}")
+        if expected is not None and first_lsn != expected:
+            # A later segment starting anywhere but right after the previous one's last record
+            # means records between them are lost.
+            if _has_records(data):
+                raise FormatError(
+                    f"{path}: starts at LSN {first_lsn} but the log before it ends at "
+                    f"{expected - 1}"
+                )
+            scan.end = LogEnd(path, formats.SEGMENT_HEADER_SIZE, None)
+            return _finish(scan, after_lsn)
+        expected = first_lsn
+        offset = formats.SEGMENT_HEADER_SIZE
+        while True:
+            record = formats.decode_record(data, offset)
+            if record is None or record.lsn != expected:
+                if _is_clean_end(data, offset):
+                    _ensure_tail(contents[index : index + 1], 0, offset, scan.last_batch,
+                                 f"log ends at {path} offset {offset}")
+                    break
+                reason = (f"invalid record at {path} offset {offset}" if record is None
+                          else f"record at {path} offset {offset} has LSN {record.lsn}, "
+                               f"expected {expected}")
+                _ensure_tail(contents, index, offset, scan.last_batch, reason)
+                scan.end = LogEnd(path, offset, reason)
+                return _finish(scan, after_lsn)
+            if record.lsn > after_lsn:
+                scan.records.append(record)
+            scan.last_batch = record.batch
+            expected += 1
+            offset = record.end
+    if contents:
+        scan.end = LogEnd(contents[-1][1], offset, None)
+    return _finish(scan, after_lsn)
+
+
+def _has_records(data: bytes) -> bool:
+    return next(formats.find_valid_records_after(data, formats.SEGMENT_HEADER_SIZE), None) is not None
+
+
+def _is_clean_end(data: bytes, offset: int) -> bool:
+    """True where the segment's written part ends: end of file or preallocated zeros."""
+    return offset >= len(data) or not any(data[offset : offset + formats.RECORD_HEADER_SIZE])
+
+
+def _ensure_tail(contents, index: int, offset: int, last_batch: int, reason: str) -> None:
+    """Raise unless the damage at ``offset`` of segment ``index`` is confined to the last batch."""
+    limit = last_batch + 1
+    for position, (_, path, data) in enumerate(contents[index:]):
+        start = offset if position == 0 else formats.SEGMENT_HEADER_SIZE
+        for record in formats.find_valid_records_after(data, start):
+            if record.batch > limit:
+                raise FormatError(
+                    f"WAL corrupt: {reason}, yet a later commit (batch {record.batch}, LSN "
+                    f"{record.lsn}) follows it at {path} offset {record.offset}: refusing to "
+                    "drop committed records"
+                )
+
+
+def _finish(scan: LogScan, after_lsn: int) -> LogScan:
+    if scan.records and scan.records[0].lsn != after_lsn + 1:
+        raise FormatError(
+            f"WAL gap: the checkpoint is as of LSN {after_lsn} but the oldest record found after "
+            f"it is LSN {scan.records[0].lsn}"
+        )
+    return scan
