@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what razorfs needs on a fresh Debian machine (as root): FUSE 3 from apt, then a
+# virtualenv in ./.venv with razorfs and its test dependencies. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq fuse3 libfuse3-dev pkg-config python3-venv >/dev/null
+fi
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+echo "installed: $(.venv/bin/razorfs --help | head -n 1)"
