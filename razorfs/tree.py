@@ -9,6 +9,7 @@ about trio.
 from __future__ import annotations
 
 import stat
+import sys
 from array import array
 from bisect import bisect_right
 
@@ -18,6 +19,7 @@ from razorfs.actors import messages as m
 from razorfs.storage.formats import BLOCK_SIZE
 
 ROOT_INO = 1
+_BIG_ENDIAN = sys.byteorder == "big"  # checkpoints store extent maps little-endian
 _CRC_MASK = 0xFFFFFFFF
 
 
@@ -135,7 +137,7 @@ class TreeState:
             raise ReplayError(f"{type(op).__name__} is not a redo operation") from None
         try:
             return handler(self, op)
-        except (KeyError, AttributeError, TypeError) as exc:
+        except (KeyError, AttributeError, TypeError, IndexError, ValueError) as exc:
             raise ReplayError(f"cannot apply {op!r:.200}: {exc!r}") from None
 
     def _put_inode(self, op: m.PutInode) -> list[int]:
@@ -150,9 +152,10 @@ class TreeState:
         return []
 
     def _drop_inode(self, op: m.DropInode) -> list[int]:
-        inode = self.inodes.pop(op.ino)
+        inode = self.inodes[op.ino]
         if inode.directory is not None and inode.directory.names:
             raise ReplayError(f"directory {op.ino} dropped while not empty")
+        del self.inodes[op.ino]
         return [packed >> 32 for packed in inode.blocks.values()] if inode.blocks else []
 
     def _put_entry(self, op: m.PutEntry) -> list[int]:
@@ -173,6 +176,8 @@ class TreeState:
     def _put_blocks(self, op: m.PutBlocks) -> list[int]:
         blocks = self.inodes[op.ino].blocks
         flat = op.blocks
+        if len(flat) % 3:
+            raise ValueError("PutBlocks needs (lblk, pblk, crc) triples")
         freed = []
         for i in range(0, len(flat), 3):
             old = blocks.get(flat[i])
@@ -212,6 +217,8 @@ class TreeState:
                 for lblk, packed in inode.blocks.items():
                     flat.append(lblk)
                     flat.append(packed)
+                if _BIG_ENDIAN:
+                    flat.byteswap()
                 body = flat.tobytes()
             else:
                 body = inode.target
@@ -235,6 +242,8 @@ class TreeState:
             elif inode.blocks is not None:
                 flat = array("Q")
                 flat.frombytes(content)
+                if _BIG_ENDIAN:
+                    flat.byteswap()
                 inode.blocks = dict(zip(flat[0::2], flat[1::2]))
             else:
                 inode.target = content

@@ -88,20 +88,19 @@ class FreeSpace:
             self._add(start + count, length - count)
 
     def free(self, start: int, length: int) -> None:
+        if start + length > self.high_water:
+            raise ValueError(f"free of blocks {start}+{length} beyond the store's end")
         position = bisect_left(self._starts, start)
-        if position < len(self._starts):
-            following = self._starts[position]
-            if following < start + length:
-                raise ValueError(f"double free of blocks {start}+{length}")
-            if following == start + length:
-                length += self._remove(following)
-        if position > 0:
-            previous = self._starts[position - 1]
-            if previous + self._lengths[previous] > start:
-                raise ValueError(f"double free of blocks {start}+{length}")
-            if previous + self._lengths[previous] == start:
-                start, length = previous, self._lengths[previous] + length
-                self._remove(previous)
+        following = self._starts[position] if position < len(self._starts) else None
+        previous = self._starts[position - 1] if position > 0 else None
+        if (following is not None and following < start + length) or (
+                previous is not None and previous + self._lengths[previous] > start):
+            raise ValueError(f"double free of blocks {start}+{length}")
+        if following == start + length:
+            length += self._remove(following)
+        if previous is not None and previous + self._lengths[previous] == start:
+            start, length = previous, self._lengths[previous] + length
+            self._remove(previous)
         self._add(start, length)
 
     def extents(self) -> list[tuple[int, int]]:

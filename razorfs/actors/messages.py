@@ -415,7 +415,8 @@ def _as_list(message) -> list:
 def _from_list(items) -> Any:
     if not isinstance(items, (list, tuple)) or not items:
         raise SchemaError(f"not a tagged message: {items!r:.80}")
-    cls = _BY_TAG.get(items[0])
+    tag = items[0]
+    cls = _BY_TAG.get(tag) if type(tag) is int else None
     if cls is None:
         raise SchemaError(f"unknown message tag {items[0]!r}")
     try:
@@ -446,6 +447,8 @@ def decode_ops(payload: bytes) -> list:
         items = msgpack.unpackb(payload, raw=False, use_list=False)
     except (msgpack.UnpackException, ValueError) as exc:
         raise SchemaError(f"undecodable redo record: {exc}") from None
+    if not isinstance(items, tuple):
+        raise SchemaError("a redo record is an array of operations")
     ops = [_from_list(item) for item in items]
     for op in ops:
         if not isinstance(op, REDO_OPS):

@@ -285,8 +285,7 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx):
         used, free_in_store, pending = (await self._allocator.ask(m.SpaceStats())).value
         inodes = (await self._tree.ask(m.TreeStats())).value[0]
-        space = await trio.to_thread.run_sync(self._blocks_space)
-        disk_free = max(0, space - free_in_store)
+        disk_free = await trio.to_thread.run_sync(self._blocks_space)
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK_SIZE
         stats.f_blocks = used + pending + free_in_store + disk_free

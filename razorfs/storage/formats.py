@@ -72,6 +72,7 @@ block store
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ SEGMENT_MAGIC = b"RZWALSEG"
 RECORD_MAGIC = b"RZR1"
 CHECKPOINT_MAGIC = b"RZCKPT\0\0"
 
+_LSN_STEM = re.compile(r"[0-9a-f]{16}")
 _SUPERBLOCK = struct.Struct("<8sII16sQ20s")
 _SEGMENT_HEADER = struct.Struct("<8sIIQ4s")
 _RECORD_HEADER = struct.Struct("<4sIQQII")
@@ -148,11 +150,8 @@ def segment_name(first_lsn: int) -> str:
 
 def parse_lsn_name(name: str, suffix: str) -> int | None:
     stem, dot, ext = name.partition(".")
-    if dot and "." + ext == suffix and len(stem) == 16:
-        try:
-            return int(stem, 16)
-        except ValueError:
-            return None
+    if dot and "." + ext == suffix and _LSN_STEM.fullmatch(stem):
+        return int(stem, 16)
     return None
 
 
@@ -207,8 +206,8 @@ def decode_record(data: bytes, offset: int) -> Record | None:
     """The valid record at ``offset`` of a segment's bytes, or None."""
     if offset + RECORD_HEADER_SIZE > len(data):
         return None
-    magic, length, lsn, batch, stored, _ = _RECORD_HEADER.unpack_from(data, offset)
-    if magic != RECORD_MAGIC or length > MAX_RECORD:
+    magic, length, lsn, batch, stored, reserved = _RECORD_HEADER.unpack_from(data, offset)
+    if magic != RECORD_MAGIC or length > MAX_RECORD or reserved:
         return None
     start = offset + RECORD_HEADER_SIZE
     if start + length > len(data):
@@ -252,7 +251,7 @@ def decode_checkpoint(data: bytes, uuid: bytes, where: str) -> tuple[int, bytes]
         raise FormatError(f"{where}: checkpoint belongs to another filesystem")
     body = data[CHECKPOINT_HEADER_SIZE:]
     if len(body) != length:
-        raise FormatError(f"{where}: checkpoint truncated ({len(body)} of {length} body bytes)")
+        raise FormatError(f"{where}: checkpoint body is {len(body)} bytes, header says {length}")
     if crc(body) != body_crc:
         raise FormatError(
             f"{where}: checkpoint body checksum mismatch (bytes {CHECKPOINT_HEADER_SIZE}.."

@@ -111,17 +111,22 @@ def _is_clean_end(data: bytes, offset: int) -> bool:
 
 
 def _ensure_tail(contents, index: int, offset: int, last_batch: int, reason: str) -> None:
-    """Raise unless the damage at ``offset`` of segment ``index`` is confined to the last batch."""
-    limit = last_batch + 1
-    for position, (_, path, data) in enumerate(contents[index:]):
-        start = offset if position == 0 else formats.SEGMENT_HEADER_SIZE
-        for record in formats.find_valid_records_after(data, start):
-            if record.batch > limit:
-                raise FormatError(
-                    f"WAL corrupt: {reason}, yet a later commit (batch {record.batch}, LSN "
-                    f"{record.lsn}) follows it at {path} offset {record.offset}: refusing to "
-                    "drop committed records"
-                )
+    """Raise unless the damage at ``offset`` of segment ``index`` is confined to the last batch.
+
+    The damaged slot belongs to the last good record's batch if that batch continues after it,
+    else to the next batch; any valid record of a batch after that one proves corruption."""
+    later = [(path, record) for position, (_, path, data) in enumerate(contents[index:])
+             for record in formats.find_valid_records_after(
+                 data, offset if position == 0 else formats.SEGMENT_HEADER_SIZE)]
+    damaged_batch = (last_batch if any(r.batch == last_batch for _, r in later)
+                     else last_batch + 1)
+    for path, record in later:
+        if record.batch > damaged_batch:
+            raise FormatError(
+                f"WAL corrupt: {reason}, yet a later commit (batch {record.batch}, LSN "
+                f"{record.lsn}) follows it at {path} offset {record.offset}: refusing to "
+                "drop committed records"
+            )
 
 
 def _finish(scan: LogScan, after_lsn: int) -> LogScan:

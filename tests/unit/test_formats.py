@@ -159,8 +159,6 @@ def test_record_any_flipped_byte_makes_it_invalid(index: int) -> None:
     assert formats.decode_record(flip(encoded, index), 0) is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_record ignores the reserved header field "
-                   "(bytes 28..31): not covered by the CRC nor checked to be zero")
 @pytest.mark.parametrize("index", [28, 31])
 def test_record_flipped_reserved_byte_makes_it_invalid(index: int) -> None:
     encoded = formats.encode_record(5, 3, PAYLOAD)
@@ -188,13 +186,20 @@ def test_checkpoint_roundtrip() -> None:
 
 
 def test_checkpoint_with_empty_body_roundtrips() -> None:
-    assert formats.decode_checkpoint(formats.encode_checkpoint(0, UUID, b""), UUID, "ck") == (0, b"")
+    data = formats.encode_checkpoint(0, UUID, b"")
+    assert formats.decode_checkpoint(data, UUID, "ck") == (0, b"")
 
 
 def test_checkpoint_truncated_body_refused() -> None:
     data = formats.encode_checkpoint(77, UUID, BODY)
-    with pytest.raises(FormatError, match=rf"ck: checkpoint truncated \(767 of {len(BODY)}"):
+    with pytest.raises(FormatError, match=rf"ck: checkpoint body is 767 bytes, header says {len(BODY)}"):
         formats.decode_checkpoint(data[:-1], UUID, "ck")
+
+
+def test_checkpoint_with_trailing_bytes_refused() -> None:
+    data = formats.encode_checkpoint(77, UUID, BODY)
+    with pytest.raises(FormatError, match="ck: "):
+        formats.decode_checkpoint(data + b"\0", UUID, "ck")
 
 
 def test_checkpoint_flipped_body_byte_refused() -> None:
@@ -248,8 +253,6 @@ def test_parse_lsn_name_rejects_other_names(name: str) -> None:
     assert formats.parse_lsn_name(name, ".wal") is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_lsn_name relies on int(stem, 16), which also "
-                   "accepts '0x', '+', '-', whitespace and '_' in the 16-character stem")
 @pytest.mark.parametrize("name", ["0x0000000000000f.wal", "-000000000000005.wal",
                                   " 000000000000005.wal", "0000_0000_00005a.wal"])
 def test_parse_lsn_name_rejects_non_hex_digit_stems(name: str) -> None:
