@@ -23,10 +23,33 @@ log = structlog.get_logger("razorfs.mailbox")
 INBOX_CAPACITY = 1024
 
 
+class ReplySlot:
+    """A one-shot reply channel: one ``put`` by the actor, one ``receive`` by the asker.
+
+    Lighter than a one-item memory channel (no buffer, no clone bookkeeping), which matters
+    because every request to an actor makes one."""
+
+    __slots__ = ("_event", "_payload")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._payload: bytes | None = None
+
+    def put(self, payload: bytes) -> None:
+        if self._event.is_set():
+            raise RuntimeError("a reply slot takes one reply")
+        self._payload = payload
+        self._event.set()
+
+    async def receive(self) -> bytes:
+        await self._event.wait()
+        return self._payload
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     payload: bytes
-    reply_to: trio.MemorySendChannel | None
+    reply_to: ReplySlot | None
 
 
 class Mailbox:
@@ -34,13 +57,12 @@ class Mailbox:
         self._send = send_channel
 
     async def ask(self, message) -> messages.Ok:
-        reply_send, reply_receive = trio.open_memory_channel(1)
-        async with reply_receive:
-            await self._send.send(Envelope(messages.encode(message), reply_send))
-            try:
-                reply = messages.decode(await reply_receive.receive())
-            except trio.EndOfChannel:
-                raise FsError(errno.EIO, f"{type(message).__name__}: actor stopped") from None
+        slot = ReplySlot()
+        try:
+            await self._send.send(Envelope(messages.encode(message), slot))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise FsError(errno.EIO, f"{type(message).__name__}: actor stopped") from None
+        reply = messages.decode(await slot.receive())
         if isinstance(reply, messages.Failed):
             raise FsError(reply.errno, reply.message)
         return reply
@@ -70,15 +92,8 @@ Handler = Callable[[Any], Awaitable[Any]]
 
 
 def reply(envelope: Envelope, result: messages.Ok | messages.Failed) -> None:
-    if envelope.reply_to is None:
-        return
-    try:
-        envelope.reply_to.send_nowait(messages.encode(result))
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        # The asker was cancelled (e.g. its FUSE request was interrupted); nobody to tell.
-        log.debug("reply dropped", reply=type(result).__name__)
-    finally:
-        envelope.reply_to.close()
+    if envelope.reply_to is not None:
+        envelope.reply_to.put(messages.encode(result))
 
 
 async def handle_envelope(envelope: Envelope, handler: Handler, actor: str) -> None:
