@@ -7,12 +7,12 @@ foreign data directory, locked, unknown format version, bad mountpoint).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 
-from razorfs import log as razorfs_log
 from razorfs.errors import UsageError
 from razorfs.storage.formats import FormatError
 
@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     fsck.add_argument("data_dir")
     fsck.add_argument("--quick", action="store_true", help="skip data block checksums")
 
-    stats = commands.add_parser("stats", help="live counters of a mount (not built yet)")
+    stats = commands.add_parser("stats", help="live counters of a mounted filesystem")
     stats.add_argument("mountpoint")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -82,12 +83,10 @@ def _mount(args) -> int:
     daemon.check_mountpoint(args.mountpoint)
     if not args.foreground:
         return _mount_in_background(args)
-    stream = open(args.log_file, "a", buffering=1) if args.log_file else sys.stderr
-    razorfs_log.configure(args.log_level, stream)
     options = daemon.MountOptions(
         data_dir=args.data_dir, mountpoint=args.mountpoint, allow_other=args.allow_other,
         sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
-        ready_fd=args.ready_fd)
+        ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file)
     return daemon.run(options)
 
 
@@ -180,7 +179,30 @@ def _fsck(args) -> int:
 
 
 def _stats(args) -> int:
-    raise UsageError("stats is not built yet (issue 6: live counters over a control channel)")
+    from razorfs.control import ControlError, query
+
+    data_dir = _find_mount(args.mountpoint)
+    try:
+        stats = query(data_dir)
+    except ControlError as exc:
+        print(f"razorfs stats: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(stats, indent=1, sort_keys=True))
+        return EXIT_OK
+    wal = stats["wal"]
+    print(f"{args.mountpoint}: {stats['inodes']} inodes, durability {stats['durability']}, "
+          f"failsafe: {stats['failsafe'] or 'no'}")
+    print(f"wal: lsn {wal['last_lsn']} (durable {wal['durable_lsn']}), {wal['commits']} commits, "
+          f"{wal['fsyncs']} fsyncs, {wal['average_group_size']} records per commit")
+    print(f"checkpoints: {stats['checkpoints']['count']}, last took "
+          f"{stats['checkpoints']['last_seconds']} s")
+    requests = stats["requests"]
+    print(f"bytes read {requests['bytes_read']}, written {requests['bytes_written']}")
+    print(f"{'op':<12}{'count':>10}{'errors':>8}{'p50 ms':>10}{'p99 ms':>10}")
+    for op, row in requests["ops"].items():
+        print(f"{op:<12}{row['count']:>10}{row['errors']:>8}{row['p50_ms']:>10}{row['p99_ms']:>10}")
+    return EXIT_OK
 
 
 _COMMANDS = {"mkfs": _mkfs, "mount": _mount, "umount": _umount, "fsck": _fsck, "stats": _stats}

@@ -11,18 +11,23 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import pyfuse3
 import structlog
 import trio
 
-from razorfs.actors.mailbox import open_mailbox
-from razorfs.actors.recovery import RecoveryCoordinator, Tuning
+from razorfs import control
+from razorfs import log as razorfs_log
+from razorfs.actors import messages as m
+from razorfs.actors.mailbox import Mailbox, open_mailbox
+from razorfs.actors.recovery import Handles, RecoveryCoordinator, Tuning
 from razorfs.datadir import DataDirLock, check_data_dir
 from razorfs.errors import UsageError
 from razorfs.fuse.operations import Operations
 from razorfs.storage.files import FileStorage
+from razorfs.storage.formats import BLOCK_SIZE
 
 log = structlog.get_logger("razorfs.daemon")
 
@@ -35,6 +40,8 @@ class MountOptions:
     sync_writes: bool = False
     commit_interval: float = 1.0
     ready_fd: int | None = None
+    log_level: str = "info"
+    log_file: str | None = None
 
 
 def check_mountpoint(path: str) -> None:
@@ -63,6 +70,7 @@ def notify_systemd(message: str) -> None:
 
 def run(options: MountOptions) -> int:
     """Mount and serve until unmounted; raises UsageError for bad input before mounting."""
+    _configure_logging(options)
     data_dir = os.path.abspath(options.data_dir)
     mountpoint = os.path.abspath(options.mountpoint)
     check_data_dir(data_dir)
@@ -74,6 +82,11 @@ def run(options: MountOptions) -> int:
     return 0
 
 
+def _configure_logging(options: MountOptions) -> None:
+    stream = open(options.log_file, "a", buffering=1) if options.log_file else sys.stderr
+    razorfs_log.configure(options.log_level, stream)
+
+
 async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
                  options: MountOptions) -> None:
     coordinator, coordinator_inbox = open_mailbox()
@@ -82,23 +95,29 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
         notify_systemd("STATUS=recovering")
         handles = await actors.start(RecoveryCoordinator(coordinator_inbox, storage, tuning).run)
         try:
-            await _mount_and_serve(handles, data_dir, mountpoint, options)
+            await _mount_and_serve(handles, coordinator, data_dir, mountpoint, options)
         finally:
             # Closing the coordinator's inbox: final checkpoint, then every actor stops.
             await coordinator.aclose()
 
 
-async def _mount_and_serve(handles, data_dir: str, mountpoint: str,
-                           options: MountOptions) -> None:
+async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str,
+                           mountpoint: str, options: MountOptions) -> None:
     operations = Operations(handles, sync_writes=options.sync_writes)
     fuse_options = set(pyfuse3.default_options) | {f"fsname={data_dir}", "subtype=razorfs"}
     if options.allow_other:
         fuse_options.add("allow_other")
+
+    async def collect_stats() -> dict:
+        return await collect(handles, coordinator, operations, options)
+
     try:
         pyfuse3.init(operations, mountpoint, fuse_options)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signals)
+                nursery.start_soon(_handle_signals, options)
+                nursery.start_soon(_watchdog)
+                await nursery.start(control.serve, data_dir, collect_stats)
                 _announce_ready(options, data_dir, mountpoint, handles)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -108,6 +127,30 @@ async def _mount_and_serve(handles, data_dir: str, mountpoint: str,
             log.info("unmounted; committing and checkpointing", mountpoint=mountpoint)
     finally:
         await operations.close_mailboxes()
+
+
+async def collect(handles: Handles, coordinator: Mailbox, operations: Operations,
+                  options: MountOptions) -> dict:
+    """Live counters for `razorfs stats`."""
+    inodes, last_lsn, failsafe = (await handles.tree.ask(m.TreeStats())).value
+    durable, batches, records, fsyncs, log_bytes, _ = (await handles.wal.ask(m.WalStats())).value
+    used, free_in_store, pending_free = (await handles.allocator.ask(m.SpaceStats())).value
+    checkpoints, checkpoint_seconds = (await coordinator.ask(m.CheckpointStats())).value
+    disk = await trio.to_thread.run_sync(handles.blocks.disk_space)
+    return {
+        "requests": operations.metrics.snapshot(),
+        "wal": {"last_lsn": last_lsn, "durable_lsn": durable, "durable_lag": last_lsn - durable,
+                "records": records, "commits": batches, "fsyncs": fsyncs,
+                "average_group_size": round(records / batches, 2) if batches else 0.0,
+                "bytes_since_checkpoint": log_bytes},
+        "checkpoints": {"count": checkpoints, "last_seconds": round(checkpoint_seconds, 4)},
+        "space": {"block_size": BLOCK_SIZE, "blocks_used": used,
+                  "blocks_free_in_store": free_in_store, "blocks_pending_free": pending_free,
+                  "disk_available_bytes": disk.available},
+        "inodes": inodes,
+        "durability": "sync" if options.sync_writes else "fsync",
+        "failsafe": failsafe,
+    }
 
 
 def _announce_ready(options: MountOptions, data_dir: str, mountpoint: str, handles) -> None:
@@ -121,9 +164,26 @@ def _announce_ready(options: MountOptions, data_dir: str, mountpoint: str, handl
         os.close(options.ready_fd)
 
 
-async def _stop_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _handle_signals(options: MountOptions) -> None:
+    """SIGTERM/SIGINT: unmount (then commit, checkpoint, exit 0). SIGHUP: reopen the log file
+    (after logrotate moved it)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                _configure_logging(options)
+                log.info("log reopened")
+                continue
             log.info("signal received; unmounting", signal=signal.Signals(signum).name)
             pyfuse3.terminate()
 
+
+async def _watchdog() -> None:
+    """WATCHDOG=1 from the trio loop itself at half the interval systemd asked for: a wedged
+    loop stops the pings and systemd restarts the service."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return
+    interval = int(usec) / 2_000_000
+    while True:
+        notify_systemd("WATCHDOG=1")
+        await trio.sleep(interval)

@@ -372,6 +372,13 @@ class Checkpoint:
     TAG: ClassVar[int] = 100
 
 
+@_message
+class CheckpointStats:
+    """To the recovery coordinator: reply (checkpoints written, seconds the last one took)."""
+
+    TAG: ClassVar[int] = 101
+
+
 # ---- replies ----
 
 
@@ -396,7 +403,7 @@ _ALL = REDO_OPS + (
     GetXattr, ListXattr, SetXattr, RemoveXattr, MapBlocks, CommitWrite, SyncPoint, TakeSnapshot,
     TreeStats, EnterFailsafe,
     Allocate, Release, FreeAfter, DurableUpTo, SpaceStats,
-    Append, WaitDurable, TrimLog, WalStats, Checkpoint,
+    Append, WaitDurable, TrimLog, WalStats, Checkpoint, CheckpointStats,
     Ok, Failed,
 )
 _BY_TAG = {cls.TAG: cls for cls in _ALL}

@@ -212,18 +212,27 @@ class RecoveryCoordinator:
     async def _serve(self, tree: Mailbox, wal: Mailbox) -> None:
         async with self._inbox:
             while True:
+                envelope = None
                 with trio.move_on_after(self._tuning.checkpoint_poll):
                     try:
                         envelope = await self._inbox.receive()
                     except trio.EndOfChannel:
                         break
-                    await handle_envelope(envelope, lambda msg: self._checkpoint(tree, wal),
+                if envelope is not None:
+                    await handle_envelope(envelope, lambda msg: self._handle(msg, tree, wal),
                                           "recovery")
                     continue
                 stats = (await wal.ask(m.WalStats())).value
                 if stats[4] >= self._tuning.checkpoint_bytes and not stats[5]:
                     await self._checkpoint_or_failsafe(tree, wal)
         await self._checkpoint_or_failsafe(tree, wal)
+
+    async def _handle(self, message, tree: Mailbox, wal: Mailbox):
+        if isinstance(message, m.Checkpoint):
+            return await self._checkpoint(tree, wal)
+        if isinstance(message, m.CheckpointStats):
+            return (self.checkpoints_written, self.last_checkpoint_seconds)
+        raise TypeError(f"recovery coordinator does not handle {type(message).__name__}")
 
     async def _checkpoint_or_failsafe(self, tree: Mailbox, wal: Mailbox) -> None:
         try:

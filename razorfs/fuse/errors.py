@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import time
 
 import pyfuse3
 import structlog
@@ -38,10 +39,14 @@ def fuse_edge(handler):
     @functools.wraps(handler)
     async def edge(self, first_arg=None, *args):
         inode = first_arg if isinstance(first_arg, int) else None
+        started = time.perf_counter()
+        failed = True
         with structlog.contextvars.bound_contextvars(op=op, inode=inode,
                                                      request=next(_request_ids)):
             try:
-                return await handler(self, first_arg, *args)
+                result = await handler(self, first_arg, *args)
+                failed = False
+                return result
             except Exception as exc:
                 mapped = to_fuse_error(exc)
                 if mapped is not None:
@@ -49,7 +54,9 @@ def fuse_edge(handler):
                 if self.reraise_unexpected:
                     raise
                 log.exception("unexpected error in request; answered EIO")
-                self.unexpected_errors += 1
+                self.metrics.unexpected_errors += 1
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                self.metrics.record(op, time.perf_counter() - started, failed)
 
     return edge

@@ -28,11 +28,15 @@ from razorfs.actors.block_allocator import BlockAllocator
 from razorfs.actors.recovery import Handles
 from razorfs.errors import FsError
 from razorfs.fuse.errors import fuse_edge
+from razorfs.metrics import RequestMetrics
 from razorfs.storage.formats import BLOCK_SIZE, crc
 
 log = structlog.get_logger("razorfs.fuse")
 
 READDIR_BATCH = 256
+# Writes this small only copy into the page cache: a worker-thread round trip would cost more
+# than the pwrite itself. Larger ones (and every fsync and read) run in a worker thread.
+INLINE_WRITE_BYTES = 64 << 10
 ATTR_TIMEOUT = 1.0
 
 
@@ -98,7 +102,7 @@ class Operations(pyfuse3.Operations):
         self._wal_status = handles.wal_status
         self._sync_writes = sync_writes
         self.reraise_unexpected = reraise_unexpected
-        self.unexpected_errors = 0
+        self.metrics = RequestMetrics()
         self._open_files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._inode_locks: dict[int, list] = {}
@@ -156,6 +160,8 @@ class Operations(pyfuse3.Operations):
         """(file size, bytes of blocks first..first+count-1), verified against checksums."""
         for attempt in (1, 2):
             size, triples = (await self._tree.ask(m.MapBlocks(ino, first, count))).value
+            if not triples:
+                return size, bytearray(count * BLOCK_SIZE)
             try:
                 return size, await trio.to_thread.run_sync(read_blocks, self._blocks, first,
                                                            count, triples)
@@ -171,12 +177,15 @@ class Operations(pyfuse3.Operations):
                 raise FsError(errno.EIO, f"block store read failed: {exc}") from None
         raise AssertionError("unreachable")
 
-    async def _write_blocks(self, first: int, buffer: bytearray) -> tuple:
+    async def _write_blocks(self, first: int, buffer: bytes | bytearray) -> tuple:
         """Write whole blocks to freshly allocated space; return flat (lblk, pblk, crc)."""
         count = len(buffer) // BLOCK_SIZE
         extents = (await self._allocator.ask(m.Allocate(count))).value
         try:
-            crcs = await trio.to_thread.run_sync(self._blocks.write, extents, buffer)
+            if len(buffer) <= INLINE_WRITE_BYTES:
+                crcs = self._blocks.write(extents, buffer)
+            else:
+                crcs = await trio.to_thread.run_sync(self._blocks.write, extents, buffer)
         except OSError as exc:
             await self._allocator.tell(m.Release(extents))
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -349,6 +358,7 @@ class Operations(pyfuse3.Operations):
         if off >= end:
             return b""
         start = off - first * BLOCK_SIZE
+        self.metrics.bytes_read += end - off
         return bytes(data[start : start + end - off])
 
     @fuse_edge
@@ -365,9 +375,9 @@ class Operations(pyfuse3.Operations):
             tail_partial = (off + len(buf)) % BLOCK_SIZE != 0
             if head_partial or tail_partial:
                 buffer = await self._merge_partial(ino, first, last, head_partial, tail_partial)
+                buffer[start : start + len(buf)] = buf
             else:
-                buffer = bytearray(len(buf))
-            buffer[start : start + len(buf)] = buf
+                buffer = buf
             extents, triples = await self._write_blocks(first, buffer)
             try:
                 reply = await self._tree.ask(m.CommitWrite(ino, off, len(buf), triples))
@@ -375,6 +385,7 @@ class Operations(pyfuse3.Operations):
                 await self._allocator.tell(m.Release(extents))
                 raise
         await self._settle(reply.lsn)
+        self.metrics.bytes_written += len(buf)
         return len(buf)
 
     async def _merge_partial(self, ino: int, first: int, last: int, head: bool,
