@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.parse
 
 from razorfs.errors import UsageError
 from razorfs.storage.formats import FormatError
@@ -129,12 +131,13 @@ def _find_mount(mountpoint: str) -> str:
         for line in mounts:
             source, point, fstype = line.split()[:3]
             if _unescape(point) == target and fstype == "fuse.razorfs":
-                return _unescape(source)
+                return urllib.parse.unquote(_unescape(source))
     raise UsageError(f"{mountpoint}: no razorfs is mounted there")
 
 
 def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """Undo the octal escapes (\\040 for a space...) of /proc/self/mounts."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def _umount(args) -> int:
@@ -165,7 +168,11 @@ def _fsck(args) -> int:
     from razorfs import fsck
     from razorfs.datadir import DataDirLock, check_data_dir
 
+    from razorfs.actors.recovery import read_superblock
+    from razorfs.storage.files import FileStorage
+
     check_data_dir(args.data_dir)
+    read_superblock(FileStorage(args.data_dir))  # bad input (exit 2), not a problem found
     with DataDirLock(args.data_dir):
         report = fsck.run(args.data_dir, verify_data=not args.quick)
     for note in report.notes:

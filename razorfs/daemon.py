@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import urllib.parse
 from dataclasses import dataclass
 
 import pyfuse3
@@ -27,7 +28,7 @@ from razorfs.datadir import DataDirLock, check_data_dir
 from razorfs.errors import UsageError
 from razorfs.fuse.operations import Operations
 from razorfs.storage.files import FileStorage
-from razorfs.storage.formats import BLOCK_SIZE
+from razorfs.storage.formats import BLOCK_SIZE, FormatError
 
 log = structlog.get_logger("razorfs.daemon")
 
@@ -42,6 +43,12 @@ class MountOptions:
     ready_fd: int | None = None
     log_level: str = "info"
     log_file: str | None = None
+
+
+def mount_source(data_dir: str) -> str:
+    """The data directory as the mount's source (shown by df, read back by umount and stats):
+    percent-encoded, because libfuse takes options as ASCII and splits them at commas."""
+    return urllib.parse.quote(data_dir, safe="/-_.~+:@")
 
 
 def check_mountpoint(path: str) -> None:
@@ -77,9 +84,28 @@ def run(options: MountOptions) -> int:
     check_mountpoint(mountpoint)
     with DataDirLock(data_dir):
         storage = FileStorage(data_dir)
-        trio.run(_serve, storage, data_dir, mountpoint, options)
+        try:
+            trio.run(_serve, storage, data_dir, mountpoint, options)
+        except BaseExceptionGroup as group:
+            _raise_bad_input(group)
+            raise
     log.info("stopped cleanly", data_dir=data_dir)
     return 0
+
+
+def _raise_bad_input(group: BaseExceptionGroup) -> None:
+    """Trio wraps errors from tasks in exception groups; when every error is bad input (a
+    damaged or foreign data directory found by recovery), raise it plainly for the CLI."""
+    leaves = []
+    pending = [group]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    if leaves and all(isinstance(leaf, (UsageError, FormatError)) for leaf in leaves):
+        raise leaves[0] from None
 
 
 def _configure_logging(options: MountOptions) -> None:
@@ -104,7 +130,8 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
 async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str,
                            mountpoint: str, options: MountOptions) -> None:
     operations = Operations(handles, sync_writes=options.sync_writes)
-    fuse_options = set(pyfuse3.default_options) | {f"fsname={data_dir}", "subtype=razorfs"}
+    fuse_options = set(pyfuse3.default_options) | {f"fsname={mount_source(data_dir)}",
+                                                    "subtype=razorfs"}
     if options.allow_other:
         fuse_options.add("allow_other")
 

@@ -246,11 +246,13 @@ class RecoveryCoordinator:
     async def _checkpoint(self, tree: Mailbox, wal: Mailbox) -> int:
         started = trio.current_time()
         lsn, body = (await tree.ask(m.TakeSnapshot())).value
+        existing = [c for c, _ in await trio.to_thread.run_sync(list_checkpoints, self._storage)]
+        if existing and existing[-1] == lsn:
+            return lsn  # nothing changed since the newest checkpoint
         await wal.ask(m.WaitDurable(lsn))
-        previous = [c for c, _ in await trio.to_thread.run_sync(list_checkpoints, self._storage)]
         await trio.to_thread.run_sync(write_checkpoint, self._storage, self._uuid, lsn, body)
-        keep_from = previous[-1] if previous else lsn
-        await wal.ask(m.TrimLog(min(keep_from, lsn)))
+        # Keep the log back to the previous checkpoint: the fallback if this one is damaged.
+        await wal.ask(m.TrimLog(existing[-1] if existing else lsn))
         self.checkpoints_written += 1
         self.last_checkpoint_seconds = trio.current_time() - started
         log.info("checkpoint", lsn=lsn, bytes=len(body),

@@ -408,13 +408,16 @@ class TreeManager:
         return m.Ok(inode.attr(), lsn)
 
     async def _forget(self, msg: m.Forget):
-        ops = []
+        unused = {}
         for i in range(0, len(msg.pairs), 2):
             inode = self._state.inodes.get(msg.pairs[i])
             if inode is None or inode.ino == ROOT_INO:
                 continue
             inode.lookups = max(0, inode.lookups - msg.pairs[i + 1])
-            self._drop_if_unused(inode, inode.nlink, ops)
+            if inode.nlink == 0 and inode.lookups == 0:
+                # The kernel may name one inode twice in a batch: drop it once.
+                unused[inode.ino] = m.DropInode(inode.ino)
+        ops = list(unused.values())
         if ops and not self._failsafe:
             return m.Ok(None, await self._commit(ops))
         return None

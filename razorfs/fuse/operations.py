@@ -231,8 +231,13 @@ class Operations(pyfuse3.Operations):
         )
         if not fields.update_size:
             return entry_attributes((await self._change(message)).value)
+        return entry_attributes(await self._truncate(dataclasses.replace(message,
+                                                                         size=attr.st_size)))
+
+    async def _truncate(self, message: m.SetAttr) -> tuple:
+        """SetAttr with a size, under the inode's data lock; return the new attributes."""
         self._refuse_if_failsafe()
-        size = attr.st_size
+        inode, size = message.ino, message.size
         async with self._exclusive(inode):
             tail = None
             extents = ()
@@ -247,13 +252,13 @@ class Operations(pyfuse3.Operations):
                     block[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
                     extents, tail = await self._write_blocks(tail_lblk, block)
             try:
-                reply = await self._tree.ask(dataclasses.replace(message, size=size, tail=tail))
+                reply = await self._tree.ask(dataclasses.replace(message, tail=tail))
             except BaseException:
                 if extents:
                     await self._allocator.tell(m.Release(extents))
                 raise
         await self._settle(reply.lsn)
-        return entry_attributes(reply.value)
+        return reply.value
 
     @fuse_edge
     async def readlink(self, inode, ctx):
@@ -338,6 +343,9 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def open(self, inode, flags, ctx):
         await self._tree.ask(m.GetAttr(inode))
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # libfuse negotiates atomic_o_trunc: the kernel sends O_TRUNC here, not a setattr.
+            await self._truncate(m.SetAttr(inode, size=0))
         return pyfuse3.FileInfo(fh=self._new_fh(inode, flags), keep_cache=True)
 
     @fuse_edge
