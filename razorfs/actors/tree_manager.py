@@ -210,6 +210,10 @@ class TreeManager:
         return self._last_lsn
 
     async def _take_snapshot(self, msg: m.TakeSnapshot):
+        failsafe = self._failsafe or self._wal_status.failed
+        if failsafe:
+            # The state in memory may hold changes the log never got: never make it durable.
+            raise FsError(errno.EROFS, f"no checkpoint in failsafe mode: {failsafe}")
         return (self._last_lsn, self._state.to_snapshot())
 
     async def _stats(self, msg: m.TreeStats):

@@ -343,8 +343,9 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def open(self, inode, flags, ctx):
         await self._tree.ask(m.GetAttr(inode))
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            # libfuse negotiates atomic_o_trunc: the kernel sends O_TRUNC here, not a setattr.
+        if flags & os.O_TRUNC:
+            # libfuse negotiates atomic_o_trunc: the kernel sends O_TRUNC here, not a setattr
+            # (and Linux truncates on O_RDONLY|O_TRUNC too; permission was checked already).
             await self._truncate(m.SetAttr(inode, size=0))
         return pyfuse3.FileInfo(fh=self._new_fh(inode, flags), keep_cache=True)
 
