@@ -47,7 +47,8 @@ class Recovered:
     replayed: int
     orphans: int
     log_end: LogEnd | None
-    skipped_checkpoints: list[str]
+    skipped_checkpoints: list[str]  # why each damaged checkpoint was passed over
+    damaged_checkpoints: list[str]  # their paths
 
 
 def read_superblock(storage: Storage) -> Superblock:
@@ -68,7 +69,7 @@ def list_checkpoints(storage: Storage) -> list[tuple[int, str]]:
 def load(storage: Storage) -> Recovered:
     """Rebuild the state from disk without changing anything (recovery and fsck share this)."""
     superblock = read_superblock(storage)
-    skipped = []
+    skipped, damaged = [], []
     for lsn, path in reversed(list_checkpoints(storage)):
         try:
             checkpoint_lsn, body = formats.decode_checkpoint(
@@ -77,6 +78,7 @@ def load(storage: Storage) -> Recovered:
             break
         except (FormatError, ValueError) as exc:
             skipped.append(str(exc))
+            damaged.append(path)
     else:
         raise FormatError("no valid checkpoint" + (": " + "; ".join(skipped) if skipped else ""))
     scan = scan_log(storage, superblock.uuid, checkpoint_lsn)
@@ -94,7 +96,7 @@ def load(storage: Storage) -> Recovered:
         state.apply(m.DropInode(inode.ino))
     return Recovered(superblock, state, checkpoint_lsn,
                      scan.last_lsn or checkpoint_lsn, scan.last_batch,
-                     len(scan.records), len(orphans), scan.end, skipped)
+                     len(scan.records), len(orphans), scan.end, skipped, damaged)
 
 
 def recover(storage: Storage) -> Recovered:
@@ -102,10 +104,16 @@ def recover(storage: Storage) -> Recovered:
     recovered = load(storage)
     for reason in recovered.skipped_checkpoints:
         log.warning("skipped damaged checkpoint, used an older one", reason=reason)
+    for path in recovered.damaged_checkpoints:
+        # Kept for inspection, but out of the rotation: otherwise it would count as one of the
+        # two checkpoints kept and push the older, valid one out.
+        storage.rename(path, path + ".damaged")
+    if recovered.damaged_checkpoints:
+        storage.fsync_dir(formats.CHECKPOINT_DIR)
     end = recovered.log_end
     if end is not None and end.reason is not None:
         _cut_tail(storage, end)
-    if recovered.replayed or recovered.orphans or end is None:
+    if recovered.replayed or recovered.orphans or end is None or recovered.damaged_checkpoints:
         write_checkpoint(storage, recovered.superblock.uuid, recovered.last_lsn,
                          recovered.state.to_snapshot())
     log.info("recovered", checkpoint_lsn=recovered.checkpoint_lsn, replayed=recovered.replayed,
