@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                        choices=("debug", "info", "warning", "error"))
     mount.add_argument("--log-file", help="daemon log (default without --foreground: "
                                           "DATA_DIR/razorfs.log)")
+    mount.add_argument("--read-only", action="store_true", help="mount read-only")
+    mount.add_argument("--metrics", metavar="[ADDRESS:]PORT",
+                       help="serve Prometheus metrics over HTTP (address defaults to 127.0.0.1)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to finish")
@@ -88,7 +91,8 @@ def _mount(args) -> int:
     options = daemon.MountOptions(
         data_dir=args.data_dir, mountpoint=args.mountpoint, allow_other=args.allow_other,
         sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
-        ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file)
+        ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file,
+        read_only=args.read_only, metrics=args.metrics)
     return daemon.run(options)
 
 
@@ -102,6 +106,10 @@ def _mount_in_background(args) -> int:
                "--log-file", log_file, "--ready-fd", str(write_end)]
     if args.allow_other:
         command.append("--allow-other")
+    if args.read_only:
+        command.append("--read-only")
+    if args.metrics:
+        command += ["--metrics", args.metrics]
     with open(log_file, "ab") as log_stream:
         log_start = log_stream.tell()
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log_stream:

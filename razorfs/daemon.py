@@ -19,7 +19,7 @@ import pyfuse3
 import structlog
 import trio
 
-from razorfs import control
+from razorfs import control, prometheus
 from razorfs import log as razorfs_log
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, open_mailbox
@@ -43,6 +43,8 @@ class MountOptions:
     ready_fd: int | None = None
     log_level: str = "info"
     log_file: str | None = None
+    read_only: bool = False
+    metrics: str | None = None  # ADDRESS:PORT of an opt-in Prometheus endpoint
 
 
 def mount_source(data_dir: str) -> str:
@@ -134,6 +136,8 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str
                                                     "subtype=razorfs"}
     if options.allow_other:
         fuse_options.add("allow_other")
+    if options.read_only:
+        fuse_options.add("ro")
 
     async def collect_stats() -> dict:
         return await collect(handles, coordinator, operations, options)
@@ -145,8 +149,14 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str
                 nursery.start_soon(_handle_signals, options)
                 nursery.start_soon(_watchdog)
                 await nursery.start(control.serve, data_dir, collect_stats)
-                _announce_ready(options, data_dir, mountpoint, handles)
-                await pyfuse3.main()
+                metrics_server = (prometheus.serve(options.metrics, collect_stats)
+                                  if options.metrics else None)
+                try:
+                    _announce_ready(options, data_dir, mountpoint, handles)
+                    await pyfuse3.main()
+                finally:
+                    if metrics_server is not None:
+                        await trio.to_thread.run_sync(metrics_server.shutdown)
                 nursery.cancel_scope.cancel()
         finally:
             notify_systemd("STOPPING=1")

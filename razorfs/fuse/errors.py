@@ -57,6 +57,8 @@ def fuse_edge(handler):
                 self.metrics.unexpected_errors += 1
                 raise pyfuse3.FUSEError(errno.EIO) from None
             finally:
-                self.metrics.record(op, time.perf_counter() - started, failed)
+                seconds = time.perf_counter() - started
+                self.metrics.record(op, seconds, failed)
+                log.debug("request", seconds=round(seconds, 6), failed=failed)
 
     return edge
