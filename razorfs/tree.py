@@ -92,9 +92,9 @@ class Inode:
     def is_dir(self) -> bool:
         return self.directory is not None
 
-    def attr(self) -> tuple:
+    def attr(self) -> m.Attr:
         allocated = len(self.blocks) * (BLOCK_SIZE // 512) if self.blocks is not None else 0
-        return (self.ino, self.mode, self.nlink, self.uid, self.gid, self.rdev, self.size,
+        return m.Attr(self.ino, self.mode, self.nlink, self.uid, self.gid, self.rdev, self.size,
                 allocated, self.atime_ns, self.mtime_ns, self.ctime_ns)
 
     def put_op(self, **changes) -> m.PutInode:

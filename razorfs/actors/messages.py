@@ -6,19 +6,31 @@ bytes, bool, None, tuples). Redo operations use the same schema, so what the WAL
 exactly what the tree manager decided and applied. Tags are part of the on-disk format for redo
 operations (1-49): never renumber them.
 
-An attribute tuple (``Attr``) is (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns,
-mtime_ns, ctime_ns); ``blocks`` counts 512-byte units actually allocated.
+Inode attributes travel as ``Attr`` (a named tuple, an array on the wire).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
-Attr = tuple  # see module docstring
+class Attr(NamedTuple):
+    """Attributes of an inode as they travel in replies (a msgpack array on the wire)."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # 512-byte units actually allocated
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
 
 
 def _message(cls):

@@ -19,6 +19,7 @@ import trio
 
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, open_mailbox
+from razorfs.actors.messages import Attr
 from razorfs.actors.recovery import Handles, RecoveryCoordinator, Tuning
 from razorfs.datadir import format_storage
 from razorfs.errors import FsError
@@ -31,20 +32,6 @@ from razorfs.tree import ROOT_INO
 ROOT = ROOT_INO
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
-
-
-class Attr(NamedTuple):
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int  # 512-byte units
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
 
 
 class WalStats(NamedTuple):
