@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.parse
 
+from razorfs import log as razorfs_log
 from razorfs.errors import UsageError
 from razorfs.storage.formats import FormatError
 
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     fsck = commands.add_parser("fsck", help="check a data directory that is not mounted")
     fsck.add_argument("data_dir")
     fsck.add_argument("--quick", action="store_true", help="skip data block checksums")
+    fsck.add_argument("--repair", action="store_true",
+                      help="salvage a damaged log and fix what can be fixed safely, saying what")
 
     stats = commands.add_parser("stats", help="live counters of a mounted filesystem")
     stats.add_argument("mountpoint")
@@ -65,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "mount":
+        razorfs_log.configure("warning")  # recovery warnings of fsck etc. go to stderr
     try:
         return _COMMANDS[args.command](args)
     except (UsageError, FormatError) as exc:
@@ -174,23 +179,32 @@ def _umount(args) -> int:
 
 def _fsck(args) -> int:
     from razorfs import fsck
-    from razorfs.datadir import DataDirLock, check_data_dir
-
     from razorfs.actors.recovery import read_superblock
+    from razorfs.datadir import DataDirLock, check_data_dir
     from razorfs.storage.files import FileStorage
 
     check_data_dir(args.data_dir)
     read_superblock(FileStorage(args.data_dir))  # bad input (exit 2), not a problem found
     with DataDirLock(args.data_dir):
+        if args.repair:
+            before = fsck.run(args.data_dir, verify_data=not args.quick, repair_problems=True)
+            _print_report(args.data_dir, before)
+            for repair in before.repairs:
+                print(f"REPAIRED: {repair}")
+            print("checking again after repair:")
         report = fsck.run(args.data_dir, verify_data=not args.quick)
+    _print_report(args.data_dir, report)
+    return EXIT_OK if report.clean else EXIT_FAILED
+
+
+def _print_report(data_dir: str, report) -> None:
     for note in report.notes:
         print(f"note: {note}")
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     verdict = "clean" if report.clean else f"{len(report.problems)} problem(s)"
-    print(f"{args.data_dir}: {report.inodes} inodes, {report.blocks_checked} data blocks "
+    print(f"{data_dir}: {report.inodes} inodes, {report.blocks_checked} data blocks "
           f"verified: {verdict}")
-    return EXIT_OK if report.clean else EXIT_FAILED
 
 
 def _stats(args) -> int:

@@ -251,8 +251,9 @@ class TreeState:
         for inode, content in entries:
             for name, child in content:
                 inode.directory.put(name, child)
-                if state.inodes[child].is_dir:
-                    state.inodes[child].parent = inode.ino
+                child_inode = state.inodes.get(child)  # fsck reports dangling entries
+                if child_inode is not None and child_inode.is_dir:
+                    child_inode.parent = inode.ino
         state.inodes[ROOT_INO].parent = ROOT_INO
         state.next_ino = next_ino
         return state

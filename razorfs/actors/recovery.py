@@ -47,6 +47,7 @@ class Recovered:
     replayed: int
     orphans: int
     log_end: LogEnd | None
+    discarded: int
     skipped_checkpoints: list[str]  # why each damaged checkpoint was passed over
     damaged_checkpoints: list[str]  # their paths
 
@@ -66,8 +67,9 @@ def list_checkpoints(storage: Storage) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def load(storage: Storage) -> Recovered:
-    """Rebuild the state from disk without changing anything (recovery and fsck share this)."""
+def load(storage: Storage, *, salvage: bool = False) -> Recovered:
+    """Rebuild the state from disk without changing anything (recovery and fsck share this).
+    ``salvage``: a damaged log ends at the damage instead of refusing (fsck --repair)."""
     superblock = read_superblock(storage)
     skipped, damaged = [], []
     for lsn, path in reversed(list_checkpoints(storage)):
@@ -81,7 +83,7 @@ def load(storage: Storage) -> Recovered:
             damaged.append(path)
     else:
         raise FormatError("no valid checkpoint" + (": " + "; ".join(skipped) if skipped else ""))
-    scan = scan_log(storage, superblock.uuid, checkpoint_lsn)
+    scan = scan_log(storage, superblock.uuid, checkpoint_lsn, salvage=salvage)
     for record in scan.records:
         try:
             ops = m.decode_ops(record.payload)
@@ -96,12 +98,15 @@ def load(storage: Storage) -> Recovered:
         state.apply(m.DropInode(inode.ino))
     return Recovered(superblock, state, checkpoint_lsn,
                      scan.last_lsn or checkpoint_lsn, scan.last_batch,
-                     len(scan.records), len(orphans), scan.end, skipped, damaged)
+                     len(scan.records), len(orphans), scan.end, scan.discarded, skipped, damaged)
 
 
-def recover(storage: Storage) -> Recovered:
+def recover(storage: Storage, *, salvage: bool = False) -> Recovered:
     """``load``, then make the disk agree: cut a torn tail and checkpoint the recovered state."""
-    recovered = load(storage)
+    recovered = load(storage, salvage=salvage)
+    if recovered.discarded:
+        log.warning("salvaged a damaged WAL: committed records after the damage discarded",
+                    discarded=recovered.discarded, at=recovered.log_end.reason)
     for reason in recovered.skipped_checkpoints:
         log.warning("skipped damaged checkpoint, used an older one", reason=reason)
     for path in recovered.damaged_checkpoints:

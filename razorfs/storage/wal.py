@@ -29,6 +29,7 @@ class LogScan:
     segments: list[tuple[int, str]] = field(default_factory=list)
     end: LogEnd | None = None
     last_batch: int = 0
+    discarded: int = 0  # committed records dropped by a salvage after mid-log damage
 
     @property
     def last_lsn(self) -> int | None:
@@ -45,11 +46,14 @@ def list_segments(storage: Storage) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def scan_log(storage: Storage, uuid: bytes, after_lsn: int) -> LogScan:
+def scan_log(storage: Storage, uuid: bytes, after_lsn: int, *,
+             salvage: bool = False) -> LogScan:
     """Every valid record with an LSN greater than ``after_lsn``, in order.
 
     Raises FormatError when the log is damaged somewhere other than its tail, or when records
     after ``after_lsn`` are missing (a gap between the checkpoint and the oldest segment).
+    With ``salvage`` (``razorfs fsck --repair``), damage anywhere ends the log instead, and
+    ``discarded`` counts the committed records after it that are given up.
     """
     scan = LogScan(segments=list_segments(storage))
     contents = []
@@ -61,7 +65,8 @@ def scan_log(storage: Storage, uuid: bytes, after_lsn: int) -> LogScan:
         try:
             header_lsn = formats.decode_segment_header(data, uuid, path)
         except FormatError as exc:
-            _ensure_tail(contents, index, formats.SEGMENT_HEADER_SIZE, scan.last_batch, str(exc))
+            scan.discarded = _ensure_tail(contents, index, formats.SEGMENT_HEADER_SIZE,
+                                          scan.last_batch, str(exc), salvage)
             scan.end = LogEnd(path, 0, str(exc))
             return _finish(scan, after_lsn)
         if header_lsn != first_lsn:
@@ -82,13 +87,18 @@ def scan_log(storage: Storage, uuid: bytes, after_lsn: int) -> LogScan:
             record = formats.decode_record(data, offset)
             if record is None or record.lsn != expected:
                 if _is_clean_end(data, offset):
-                    _ensure_tail(contents[index : index + 1], 0, offset, scan.last_batch,
-                                 f"log ends at {path} offset {offset}")
+                    reason = f"log ends at {path} offset {offset}"
+                    scan.discarded = _ensure_tail(contents[index : index + 1], 0, offset,
+                                                  scan.last_batch, reason, salvage)
+                    if scan.discarded:
+                        scan.end = LogEnd(path, offset, reason)
+                        return _finish(scan, after_lsn)
                     break
                 reason = (f"invalid record at {path} offset {offset}" if record is None
                           else f"record at {path} offset {offset} has LSN {record.lsn}, "
                                f"expected {expected}")
-                _ensure_tail(contents, index, offset, scan.last_batch, reason)
+                scan.discarded = _ensure_tail(contents, index, offset, scan.last_batch, reason,
+                                              salvage)
                 scan.end = LogEnd(path, offset, reason)
                 return _finish(scan, after_lsn)
             if record.lsn > after_lsn:
@@ -110,8 +120,10 @@ def _is_clean_end(data: bytes, offset: int) -> bool:
     return offset >= len(data) or not any(data[offset : offset + formats.RECORD_HEADER_SIZE])
 
 
-def _ensure_tail(contents, index: int, offset: int, last_batch: int, reason: str) -> None:
-    """Raise unless the damage at ``offset`` of segment ``index`` is confined to the last batch.
+def _ensure_tail(contents, index: int, offset: int, last_batch: int, reason: str,
+                 salvage: bool) -> int:
+    """Raise unless the damage at ``offset`` of segment ``index`` is confined to the last batch
+    (with ``salvage``, return how many committed records follow it instead).
 
     The damaged slot belongs to the last good record's batch if that batch continues after it,
     else to the next batch; any valid record of a batch after that one proves corruption."""
@@ -120,13 +132,17 @@ def _ensure_tail(contents, index: int, offset: int, last_batch: int, reason: str
                  data, offset if position == 0 else formats.SEGMENT_HEADER_SIZE)]
     damaged_batch = (last_batch if any(r.batch == last_batch for _, r in later)
                      else last_batch + 1)
-    for path, record in later:
-        if record.batch > damaged_batch:
-            raise FormatError(
+    committed = [(path, record) for path, record in later if record.batch > damaged_batch]
+    if salvage:
+        return len(committed)
+    for path, record in committed:
+        raise FormatError(
                 f"WAL corrupt: {reason}, yet a later commit (batch {record.batch}, LSN "
                 f"{record.lsn}) follows it at {path} offset {record.offset}: refusing to "
-                "drop committed records"
+                "drop committed records (`razorfs fsck --repair` salvages the log up to "
+                "the damage)"
             )
+    return 0
 
 
 def _finish(scan: LogScan, after_lsn: int) -> LogScan:
