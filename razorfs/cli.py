@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -139,6 +138,8 @@ def _mount_in_background(args) -> int:
 
 def _find_mount(mountpoint: str) -> str:
     """The data directory of the razorfs mounted at ``mountpoint``."""
+    from razorfs.daemon import unescape_mount_field as _unescape
+
     target = os.path.abspath(mountpoint)
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
@@ -146,11 +147,6 @@ def _find_mount(mountpoint: str) -> str:
             if _unescape(point) == target and fstype == "fuse.razorfs":
                 return urllib.parse.unquote(_unescape(source))
     raise UsageError(f"{mountpoint}: no razorfs is mounted there")
-
-
-def _unescape(field: str) -> str:
-    """Undo the octal escapes (\\040 for a space...) of /proc/self/mounts."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def _umount(args) -> int:

@@ -106,6 +106,10 @@ class Operations(pyfuse3.Operations):
         self._open_files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._inode_locks: dict[int, list] = {}
+        self.initialized = trio.Event()  # set once the kernel's FUSE INIT is answered
+
+    def init(self) -> None:
+        self.initialized.set()
 
     async def close_mailboxes(self) -> None:
         for mailbox in (self._tree, self._wal, self._allocator):
