@@ -54,13 +54,14 @@ async def _answer(connection, collect) -> None:
         async with stream:
             _, uid, _ = _PEERCRED.unpack(
                 connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-            if uid not in (0, os.getuid()):
-                log.warning("control request refused", peer_uid=uid)
-                await stream.send_all(json.dumps({"error": "permission denied"}).encode())
-                return
             with trio.move_on_after(5):
+                # Read the request even from a refused peer: closing with unread data would
+                # reset the connection before the client reads why.
                 request = (await stream.receive_some(256)).strip()
-                if request == b"stats":
+                if uid not in (0, os.getuid()):
+                    log.warning("control request refused", peer_uid=uid)
+                    answer = {"error": "permission denied"}
+                elif request == b"stats":
                     answer = await collect()
                 else:
                     answer = {"error": f"unknown request {request[:32]!r}"}

@@ -80,7 +80,7 @@ def notify_systemd(message: str) -> None:
 
 def run(options: MountOptions) -> int:
     """Mount and serve until unmounted; raises UsageError for bad input before mounting."""
-    _configure_logging(options)
+    log_stream = _configure_logging(options)
     data_dir = os.path.abspath(options.data_dir)
     mountpoint = os.path.abspath(options.mountpoint)
     check_data_dir(data_dir)
@@ -88,7 +88,7 @@ def run(options: MountOptions) -> int:
     with DataDirLock(data_dir):
         storage = FileStorage(data_dir)
         try:
-            trio.run(_serve, storage, data_dir, mountpoint, options)
+            trio.run(_serve, storage, data_dir, mountpoint, options, log_stream)
         except BaseExceptionGroup as group:
             _raise_bad_input(group)
             raise
@@ -111,27 +111,33 @@ def _raise_bad_input(group: BaseExceptionGroup) -> None:
         raise leaves[0] from None
 
 
-def _configure_logging(options: MountOptions) -> None:
+def _configure_logging(options: MountOptions, previous=None):
+    """Point the log at --log-file (opened anew: after logrotate moved it) or stderr; close
+    the stream it replaces. Returns the new stream."""
     stream = open(options.log_file, "a", buffering=1) if options.log_file else sys.stderr
     razorfs_log.configure(options.log_level, stream)
+    if previous is not None and previous is not stream and previous is not sys.stderr:
+        previous.close()
+    return stream
 
 
 async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
-                 options: MountOptions) -> None:
+                 options: MountOptions, log_stream) -> None:
     coordinator, coordinator_inbox = open_mailbox()
     tuning = Tuning(commit_interval=options.commit_interval)
     async with trio.open_nursery() as actors:
         notify_systemd("STATUS=recovering")
         handles = await actors.start(RecoveryCoordinator(coordinator_inbox, storage, tuning).run)
         try:
-            await _mount_and_serve(handles, coordinator, data_dir, mountpoint, options)
+            await _mount_and_serve(handles, coordinator, data_dir, mountpoint, options,
+                                   log_stream)
         finally:
             # Closing the coordinator's inbox: final checkpoint, then every actor stops.
             await coordinator.aclose()
 
 
 async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str,
-                           mountpoint: str, options: MountOptions) -> None:
+                           mountpoint: str, options: MountOptions, log_stream) -> None:
     operations = Operations(handles, sync_writes=options.sync_writes)
     fuse_options = set(pyfuse3.default_options) | {f"fsname={mount_source(data_dir)}",
                                                     "subtype=razorfs"}
@@ -147,7 +153,7 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str
         pyfuse3.init(operations, mountpoint, fuse_options)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_handle_signals, options)
+                nursery.start_soon(_handle_signals, options, log_stream)
                 nursery.start_soon(_watchdog)
                 await nursery.start(control.serve, data_dir, collect_stats)
                 metrics_server = (prometheus.serve(options.metrics, collect_stats)
@@ -231,13 +237,13 @@ def _announce_ready(options: MountOptions, data_dir: str, mountpoint: str, handl
         os.close(options.ready_fd)
 
 
-async def _handle_signals(options: MountOptions) -> None:
+async def _handle_signals(options: MountOptions, log_stream) -> None:
     """SIGTERM/SIGINT: unmount (then commit, checkpoint, exit 0). SIGHUP: reopen the log file
     (after logrotate moved it)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                _configure_logging(options)
+                log_stream = _configure_logging(options, log_stream)
                 log.info("log reopened")
                 continue
             log.info("signal received; unmounting", signal=signal.Signals(signum).name)

@@ -6,7 +6,7 @@ Standard options are mapped to ``razorfs mount`` flags; options that only mount(
 read (``x-systemd.*``, ``_netdev``, ``nofail``, ``noauto``...) are ignored, as are options razorfs
 always behaves by (``noatime``: razorfs never updates atime on read; ``rw``, ``dev``...).
 razorfs's own: ``durability=fsync|sync``, ``commit_interval=SECONDS``, ``metrics=ADDRESS:PORT``,
-``log_level=LEVEL``.
+``log_level=LEVEL``; ``sync`` means ``durability=sync`` (every change durable before it returns).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import sys
 
 from razorfs import cli
 
-_FLAGS = {"allow_other": "--allow-other", "ro": "--read-only"}
+_FLAGS = {"allow_other": ["--allow-other"], "ro": ["--read-only"],
+          "sync": ["--durability", "sync"]}
 _VALUES = {"durability": "--durability", "commit_interval": "--commit-interval",
            "metrics": "--metrics", "log_level": "--log-level"}
 _IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "dev", "nodev",
             "suid", "nosuid", "exec", "noexec", "noatime", "relatime", "atime", "nofail",
-            "_netdev", "default_permissions", "sync", "async"}
+            "_netdev", "default_permissions", "async"}
 
 
 def translate(data_dir: str, mountpoint: str, options: str) -> list[str]:
@@ -30,7 +31,7 @@ def translate(data_dir: str, mountpoint: str, options: str) -> list[str]:
     for option in filter(None, options.split(",")):
         name, _, value = option.partition("=")
         if name in _FLAGS and not value:
-            arguments.append(_FLAGS[name])
+            arguments += _FLAGS[name]
         elif name in _VALUES and value:
             arguments += [_VALUES[name], value]
         elif name in _IGNORED or name.startswith(("x-", "comment=")):

@@ -1,0 +1,58 @@
+"""mount.fuse.razorfs: mount(8)/fstab options to `razorfs mount` arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from razorfs import cli, mount_helper
+from razorfs.mount_helper import translate
+
+BASE = ["mount", "/var/lib/razorfs/a", "/srv/a"]
+
+
+def test_razorfs_options_are_mapped() -> None:
+    options = ("allow_other,ro,durability=sync,commit_interval=0.25,metrics=127.0.0.1:9187,"
+               "log_level=debug")
+    arguments = translate("/var/lib/razorfs/a", "/srv/a", options)
+    assert arguments == BASE + ["--allow-other", "--read-only", "--durability", "sync",
+                                "--commit-interval", "0.25", "--metrics", "127.0.0.1:9187",
+                                "--log-level", "debug"]
+    parsed = cli._parser().parse_args(arguments)  # and the razorfs command line takes them
+    assert (parsed.allow_other, parsed.read_only, parsed.durability, parsed.commit_interval,
+            parsed.metrics, parsed.log_level) == (True, True, "sync", 0.25, "127.0.0.1:9187",
+                                                  "debug")
+    assert not parsed.foreground  # mount(8) waits for the helper: it returns once mounted
+
+
+@pytest.mark.parametrize("options", [
+    "", "defaults", "rw", "noatime", "nofail", "_netdev", "x-systemd.automount",
+    "x-systemd.requires=network-online.target", "x-systemd.device-timeout=10s",
+    "defaults,rw,noatime,nofail,_netdev,x-systemd.automount,,",
+])
+def test_options_for_mount_8_and_systemd_are_ignored(options) -> None:
+    assert translate("/var/lib/razorfs/a", "/srv/a", options) == BASE
+
+
+def test_ignored_options_mix_with_mapped_ones() -> None:
+    assert translate("/d", "/m", "defaults,allow_other,x-systemd.automount,nofail") == [
+        "mount", "/d", "/m", "--allow-other"]
+
+
+@pytest.mark.parametrize("option", [
+    "bogus", "uid=1000", "durability", "durability=", "allow_other=1", "ro=yes",
+])
+def test_unknown_or_malformed_options_are_rejected(option) -> None:
+    with pytest.raises(SystemExit) as raised:
+        translate("/d", "/m", f"allow_other,{option},noatime")
+    assert f"unknown option {option!r}" in str(raised.value.code)
+
+
+def test_main_runs_razorfs_mount(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    assert mount_helper.main(["/d", "/m", "-o", "rw,durability=sync", "-n", "-v"]) == 0
+    assert calls == [["mount", "/d", "/m", "--durability", "sync"]]
+
+
+def test_sync_mount_option_means_sync_durability() -> None:
+    assert translate("/d", "/m", "sync") == ["mount", "/d", "/m", "--durability", "sync"]
