@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--log-file", help="daemon log (default without --foreground: "
                                           "DATA_DIR/razorfs.log)")
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
+    mount.add_argument("--noatime", action="store_true",
+                       help="never update access times (default: relatime, like Linux)")
     mount.add_argument("--metrics", metavar="[ADDRESS:]PORT",
                        help="serve Prometheus metrics over HTTP (address defaults to 127.0.0.1)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -96,7 +98,7 @@ def _mount(args) -> int:
         data_dir=args.data_dir, mountpoint=args.mountpoint, allow_other=args.allow_other,
         sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
         ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file,
-        read_only=args.read_only, metrics=args.metrics)
+        read_only=args.read_only, noatime=args.noatime, metrics=args.metrics)
     return daemon.run(options)
 
 
@@ -112,6 +114,8 @@ def _mount_in_background(args) -> int:
         command.append("--allow-other")
     if args.read_only:
         command.append("--read-only")
+    if args.noatime:
+        command.append("--noatime")
     if args.metrics:
         command += ["--metrics", args.metrics]
     with open(log_file, "ab") as log_stream:

@@ -45,6 +45,7 @@ class MountOptions:
     log_level: str = "info"
     log_file: str | None = None
     read_only: bool = False
+    noatime: bool = False
     metrics: str | None = None  # ADDRESS:PORT of an opt-in Prometheus endpoint
 
 
@@ -138,7 +139,8 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
 
 async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str,
                            mountpoint: str, options: MountOptions, log_stream) -> None:
-    operations = Operations(handles, sync_writes=options.sync_writes)
+    operations = Operations(handles, sync_writes=options.sync_writes,
+                            noatime=options.noatime or options.read_only)
     fuse_options = set(pyfuse3.default_options) | {f"fsname={mount_source(data_dir)}",
                                                     "subtype=razorfs"}
     if options.allow_other:

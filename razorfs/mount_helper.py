@@ -4,7 +4,7 @@ mount(8) runs ``/sbin/mount.fuse.razorfs DATA_DIR MOUNTPOINT [-o OPTIONS] [-s -f
 ``mount -t fuse.razorfs`` and for fstab lines of that type; link this script there (see README).
 Standard options are mapped to ``razorfs mount`` flags; options that only mount(8) or systemd
 read (``x-systemd.*``, ``_netdev``, ``nofail``, ``noauto``...) are ignored, as are options razorfs
-always behaves by (``noatime``: razorfs never updates atime on read; ``rw``, ``dev``...).
+always behaves by (``relatime``, ``rw``, ``dev``...).
 razorfs's own: ``durability=fsync|sync``, ``commit_interval=SECONDS``, ``metrics=ADDRESS:PORT``,
 ``log_level=LEVEL``; ``sync`` means ``durability=sync`` (every change durable before it returns).
 """
@@ -17,11 +17,11 @@ import sys
 from razorfs import cli
 
 _FLAGS = {"allow_other": ["--allow-other"], "ro": ["--read-only"],
-          "sync": ["--durability", "sync"]}
+          "sync": ["--durability", "sync"], "noatime": ["--noatime"]}
 _VALUES = {"durability": "--durability", "commit_interval": "--commit-interval",
            "metrics": "--metrics", "log_level": "--log-level"}
 _IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "dev", "nodev",
-            "suid", "nosuid", "exec", "noexec", "noatime", "relatime", "atime", "nofail",
+            "suid", "nosuid", "exec", "noexec", "relatime", "atime", "nofail",
             "_netdev", "default_permissions", "async"}
 
 

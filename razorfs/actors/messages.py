@@ -273,6 +273,14 @@ class CommitWrite:
 
 
 @_message
+class Accessed:
+    """A file was read: update its atime by the relatime rule (no reply)."""
+
+    TAG: ClassVar[int] = 71
+    ino: int
+
+
+@_message
 class SyncPoint:
     """The LSN of the last transaction applied: what an fsync must wait for."""
 
@@ -413,7 +421,7 @@ REDO_OPS = (PutInode, DropInode, PutEntry, DropEntry, PutTarget, PutBlocks, Trun
 _ALL = REDO_OPS + (
     Lookup, GetAttr, SetAttr, MakeNode, Remove, Rename, Link, ReadLink, ReadDir, Forget,
     GetXattr, ListXattr, SetXattr, RemoveXattr, MapBlocks, CommitWrite, SyncPoint, TakeSnapshot,
-    TreeStats, EnterFailsafe,
+    TreeStats, EnterFailsafe, Accessed,
     Allocate, Release, FreeAfter, DurableUpTo, SpaceStats,
     Append, WaitDurable, TrimLog, WalStats, Checkpoint, CheckpointStats,
     Ok, Failed,

@@ -33,6 +33,7 @@ XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 65536
 XATTR_TOTAL_MAX = 1 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
+RELATIME_PERIOD_NS = 24 * 3600 * 10**9
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
@@ -64,6 +65,7 @@ class TreeManager:
             m.Rename: self._rename,
             m.Link: self._link,
             m.ReadLink: self._readlink,
+            m.Accessed: self._accessed,
             m.ReadDir: self._readdir,
             m.Forget: self._forget,
             m.GetXattr: self._getxattr,
@@ -205,6 +207,18 @@ class TreeManager:
                 packed = blocks[lblk]
                 flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
         return (inode.size, tuple(flat))
+
+    async def _accessed(self, msg: m.Accessed):
+        """relatime, as Linux mounts by default: atime moves on a read only when it is older
+        than the last change or than a day, so reads rarely cost a transaction."""
+        inode = self._state.inodes.get(msg.ino)
+        if inode is None or self._failsafe or self._wal_status.failed:
+            return None
+        now = self._clock()
+        if (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
+                or now - inode.atime_ns >= RELATIME_PERIOD_NS):
+            await self._commit([inode.put_op(atime_ns=now)])
+        return None
 
     async def _sync_point(self, msg: m.SyncPoint):
         return self._last_lsn

@@ -92,7 +92,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, handles: Handles, *, sync_writes: bool = False,
+    def __init__(self, handles: Handles, *, sync_writes: bool = False, noatime: bool = False,
                  reraise_unexpected: bool = False) -> None:
         super().__init__()
         self._tree = handles.tree
@@ -101,6 +101,7 @@ class Operations(pyfuse3.Operations):
         self._blocks = handles.blocks
         self._wal_status = handles.wal_status
         self._sync_writes = sync_writes
+        self._update_atime = not noatime
         self.reraise_unexpected = reraise_unexpected
         self.metrics = RequestMetrics()
         self._open_files: dict[int, OpenFile] = {}
@@ -372,6 +373,8 @@ class Operations(pyfuse3.Operations):
             return b""
         start = off - first * BLOCK_SIZE
         self.metrics.bytes_read += end - off
+        if self._update_atime:
+            await self._tree.tell(m.Accessed(ino))
         return bytes(data[start : start + end - off])
 
     @fuse_edge

@@ -25,9 +25,9 @@ def test_razorfs_options_are_mapped() -> None:
 
 
 @pytest.mark.parametrize("options", [
-    "", "defaults", "rw", "noatime", "nofail", "_netdev", "x-systemd.automount",
+    "", "defaults", "rw", "relatime", "nofail", "_netdev", "x-systemd.automount",
     "x-systemd.requires=network-online.target", "x-systemd.device-timeout=10s",
-    "defaults,rw,noatime,nofail,_netdev,x-systemd.automount,,",
+    "defaults,rw,relatime,nofail,_netdev,x-systemd.automount,,",
 ])
 def test_options_for_mount_8_and_systemd_are_ignored(options) -> None:
     assert translate("/var/lib/razorfs/a", "/srv/a", options) == BASE
@@ -54,5 +54,6 @@ def test_main_runs_razorfs_mount(monkeypatch) -> None:
     assert calls == [["mount", "/d", "/m", "--durability", "sync"]]
 
 
-def test_sync_mount_option_means_sync_durability() -> None:
-    assert translate("/d", "/m", "sync") == ["mount", "/d", "/m", "--durability", "sync"]
+def test_sync_and_noatime_mount_options_are_mapped() -> None:
+    assert translate("/d", "/m", "sync,noatime") == ["mount", "/d", "/m", "--durability", "sync",
+                                                     "--noatime"]
