@@ -8,10 +8,11 @@ about trio.
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import sys
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right, insort
 
 import msgpack
 
@@ -27,47 +28,52 @@ class ReplayError(Exception):
     """A redo operation that does not fit the state: the log or checkpoint is inconsistent."""
 
 
+def name_cookie(name: bytes) -> int:
+    """A name's readdir position: 62 bits of its hash (never 0, fits a signed off_t)."""
+    return (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2) + 1
+
+
 class Directory:
     """Entries of one directory, with readdir cookies that stay valid while it changes.
 
-    Each name gets a cookie, increasing in insertion order, when it is (re)inserted. ``order``
-    holds cookies ascending; removed ones are skipped and compacted away lazily, so a readdir
-    resumes with one bisect instead of a scan.
+    A name's cookie is its hash (like ext4's htree order), so it does not depend on when the
+    name was inserted: an entry replaced by a rename, or removed and created again, keeps its
+    place, and a readdir that resumes after a cookie never returns a name twice. ``order``
+    holds the cookies sorted, so resuming is one bisect. Two names with the same hash (about
+    one chance in 2**31 for a directory of a million names) take the next free cookie.
     """
 
-    __slots__ = ("names", "cookies", "by_cookie", "order", "next_cookie")
+    __slots__ = ("names", "cookies", "by_cookie", "order")
 
     def __init__(self) -> None:
         self.names: dict[bytes, int] = {}
         self.cookies: dict[bytes, int] = {}
         self.by_cookie: dict[int, bytes] = {}
         self.order: list[int] = []
-        self.next_cookie = 1
 
     def put(self, name: bytes, ino: int) -> None:
-        old = self.cookies.pop(name, None)
-        if old is not None:
-            del self.by_cookie[old]
-        cookie = self.next_cookie
-        self.next_cookie += 1
+        if name not in self.names:
+            cookie = name_cookie(name)
+            while cookie in self.by_cookie:
+                cookie += 1
+            self.cookies[name] = cookie
+            self.by_cookie[cookie] = name
+            insort(self.order, cookie)
         self.names[name] = ino
-        self.cookies[name] = cookie
-        self.by_cookie[cookie] = name
-        self.order.append(cookie)
 
     def drop(self, name: bytes) -> None:
         del self.names[name]
-        del self.by_cookie[self.cookies.pop(name)]
-        if len(self.order) > 64 and len(self.order) > 2 * len(self.names):
-            self.order = [c for c in self.order if c in self.by_cookie]
+        cookie = self.cookies.pop(name)
+        del self.by_cookie[cookie]
+        del self.order[bisect_left(self.order, cookie)]
 
     def after(self, cookie: int):
         """(cookie, name, ino) of entries with a cookie greater than ``cookie``."""
-        for position in range(bisect_right(self.order, cookie), len(self.order)):
-            current = self.order[position]
-            name = self.by_cookie.get(current)
-            if name is not None:
-                yield current, name, self.names[name]
+        order = self.order
+        for position in range(bisect_right(order, cookie), len(order)):
+            current = order[position]
+            name = self.by_cookie[current]
+            yield current, name, self.names[name]
 
 
 class Inode:

@@ -183,6 +183,7 @@ class TreeManager:
 
     async def _getxattr(self, msg: m.GetXattr):
         xattrs = self._inode(msg.ino).xattrs or {}
+        self._check_xattr_name(msg.name)
         if msg.name not in xattrs:
             raise FsError(pyfuse3.ENOATTR, "no such attribute")
         return xattrs[msg.name]
@@ -467,6 +468,8 @@ class TreeManager:
             raise FsError(errno.ERANGE, "attribute name too long")
         if not name.startswith(XATTR_NAMESPACES):
             raise FsError(errno.EOPNOTSUPP, "unsupported attribute namespace")
+        if name in XATTR_NAMESPACES:
+            raise FsError(errno.EINVAL, "attribute name is only a namespace prefix")
 
     async def _commit_write(self, msg: m.CommitWrite):
         inode = self._inode(msg.ino)

@@ -11,7 +11,7 @@ import pytest
 
 from razorfs.actors import messages as m
 from razorfs.storage.formats import BLOCK_SIZE
-from razorfs.tree import ROOT_INO, Directory, ReplayError, TreeState
+from razorfs.tree import ROOT_INO, Directory, ReplayError, TreeState, name_cookie
 
 T0 = 1_700_000_000_000_000_000
 DIR = stat.S_IFDIR | 0o755
@@ -191,17 +191,31 @@ def test_apply_refuses_messages_that_are_not_redo_operations(state) -> None:
 # ---- directory cookies --------------------------------------------------------------------------
 
 
-def test_cookies_increase_and_a_reinserted_name_moves_to_the_end() -> None:
+def test_a_name_keeps_its_cookie_when_replaced_or_removed_and_created_again() -> None:
     directory = Directory()
     for i, name in enumerate([b"a", b"b", b"c"]):
         directory.put(name, 10 + i)
-    assert list(directory.after(0)) == [(1, b"a", 10), (2, b"b", 11), (3, b"c", 12)]
-    directory.put(b"a", 20)
-    assert list(directory.after(0)) == [(2, b"b", 11), (3, b"c", 12), (4, b"a", 20)]
-    assert list(directory.after(2)) == [(3, b"c", 12), (4, b"a", 20)]
-    directory.drop(b"c")
-    assert list(directory.after(2)) == [(4, b"a", 20)]
-    assert list(directory.after(4)) == []
+    listing = list(directory.after(0))
+    assert sorted(name for _, name, _ in listing) == [b"a", b"b", b"c"]
+    assert [cookie for cookie, _, _ in listing] == sorted(name_cookie(n) for n in (b"a", b"b", b"c"))
+    cookie_of = {name: cookie for cookie, name, _ in listing}
+    directory.put(b"a", 20)  # replaced by a rename: same place
+    directory.drop(b"b")
+    directory.put(b"b", 21)  # removed and created again: same place
+    assert list(directory.after(0)) == sorted(
+        [(cookie_of[b"a"], b"a", 20), (cookie_of[b"b"], b"b", 21), (cookie_of[b"c"], b"c", 12)])
+    last = max(cookie_of.values())
+    assert list(directory.after(last)) == []
+
+
+def test_colliding_cookies_take_the_next_free_one() -> None:
+    directory = Directory()
+    directory.put(b"x", 1)
+    directory.by_cookie[name_cookie(b"y")] = b"x"  # pretend y's hash is taken
+    directory.order.append(name_cookie(b"y"))
+    directory.order.sort()
+    directory.put(b"y", 2)
+    assert directory.cookies[b"y"] == name_cookie(b"y") + 1
 
 
 def test_readdir_by_cookie_is_stable_while_entries_are_added_and_removed() -> None:
