@@ -29,7 +29,7 @@ from razorfs.storage import formats
 from razorfs.storage.blockstore import BlockStore
 from razorfs.storage.formats import FormatError, Superblock
 from razorfs.storage.interface import Storage
-from razorfs.storage.wal import LogEnd, list_segments, scan_log
+from razorfs.storage.wal import LogEnd, delete_segments_upto, list_segments, scan_log
 from razorfs.tree import TreeState
 
 log = structlog.get_logger("razorfs.recovery")
@@ -121,6 +121,11 @@ def recover(storage: Storage, *, salvage: bool = False) -> Recovered:
     if recovered.replayed or recovered.orphans or end is None or recovered.damaged_checkpoints:
         write_checkpoint(storage, recovered.superblock.uuid, recovered.last_lsn,
                          recovered.state.to_snapshot())
+        # As after any checkpoint: keep the log back to the previous checkpoint only (else
+        # every crash would leave one more segment behind).
+        checkpoints = list_checkpoints(storage)
+        if len(checkpoints) >= 2:
+            delete_segments_upto(storage, checkpoints[-2][0])
     log.info("recovered", checkpoint_lsn=recovered.checkpoint_lsn, replayed=recovered.replayed,
              last_lsn=recovered.last_lsn, orphans_reclaimed=recovered.orphans,
              inodes=len(recovered.state.inodes),

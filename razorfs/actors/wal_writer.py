@@ -25,7 +25,7 @@ from razorfs.actors.mailbox import Envelope, Mailbox, handle_envelope, reply
 from razorfs.storage import formats
 from razorfs.storage.blockstore import BlockStore
 from razorfs.storage.interface import Storage, StorageFile
-from razorfs.storage.wal import list_segments
+from razorfs.storage.wal import delete_segments_upto
 
 log = structlog.get_logger("razorfs.wal")
 
@@ -146,8 +146,9 @@ class WalWriter:
             self._pending_bytes = 0
             self._oldest_pending_at = math.inf
             self._batch += 1
-            data = b"".join(formats.encode_record(lsn, self._batch, payload)
-                            for lsn, payload in batch)
+            last = len(batch) - 1
+            data = b"".join(formats.encode_record(lsn, self._batch, payload, last - index)
+                            for index, (lsn, payload) in enumerate(batch))
             try:
                 if (self._segment_offset + len(data) > self._segment_bytes
                         and self._segment_offset > formats.SEGMENT_HEADER_SIZE):
@@ -214,12 +215,5 @@ class WalWriter:
         """Delete segments whose every record is <= ``upto`` (covered by a checkpoint)."""
         if self._segment_offset > formats.SEGMENT_HEADER_SIZE:
             self._start_segment(self._durable_lsn + 1)
-        segments = list_segments(self._storage)
-        removed = 0
-        for (_, path), (next_first, _) in zip(segments, segments[1:]):
-            if next_first - 1 <= upto:
-                self._storage.unlink(path)
-                removed += 1
-        if removed:
-            self._storage.fsync_dir(formats.WAL_DIR)
+        delete_segments_upto(self._storage, upto)
         self._stats["bytes_since_trim"] = 0

@@ -34,19 +34,21 @@ WAL segment
     4  4  payload length P (<= MAX_RECORD)
     8  8  LSN: one transaction = one record, LSNs are consecutive across segments
     16 8  batch: the group-commit number that wrote the record (one pwrite + one fsync per batch)
-    24 4  CRC of bytes 4..23 followed by the payload
-    28 4  reserved, zero
+    24 4  CRC of bytes 4..23, then bytes 28..31, then the payload
+    28 4  following: how many records of the same batch come after this one
     32 P  payload: msgpack of the transaction's redo operations (razorfs.actors.messages)
     then zero padding to a multiple of 8.
   A segment is preallocated with zeros, so the log's end is the first slot that is not a valid
   record: wrong magic, bad CRC, or an LSN that is not the previous one plus one.
 
   Torn tail versus corruption. A batch is written only after the previous batch's fsync returned.
-  So when the scan stops at an invalid record and *any* valid record of a later batch than the
-  one being written (last good batch + 1 when the bad slot started a new batch) exists further on
-  (in this or a later segment), the damaged record was once durable: that is corruption, and the
-  mount is refused naming file and offset. Otherwise the damage is confined to the last batch,
-  which was never acknowledged: a torn tail, cut off by recovery.
+  The damaged slot belongs to the last good record's batch if that record says more of its batch
+  follow, else to the next batch. When any valid record of a *later* batch than the damaged
+  slot's exists further on (in this or a later segment), the damaged record was once durable:
+  that is corruption, and the mount is refused naming file and offset. Otherwise the damage is
+  confined to the last batch, which was never acknowledged: a torn tail, cut off by recovery.
+  A segment header is fsynced before any record goes into its segment, so a damaged header
+  followed by any valid record is corruption too.
 
 checkpoint
   header (48 bytes)
@@ -180,13 +182,13 @@ def _padded(length: int) -> int:
     return (length + 7) & ~7
 
 
-def encode_record(lsn: int, batch: int, payload: bytes) -> bytes:
+def encode_record(lsn: int, batch: int, payload: bytes, following: int = 0) -> bytes:
     length = len(payload)
     if length > MAX_RECORD:
         raise ValueError(f"WAL record of {length} bytes exceeds {MAX_RECORD}")
-    fields = struct.pack("<IQQ", length, lsn, batch)
+    fields = struct.pack("<IQQI", length, lsn, batch, following)
     checksum = crc(payload, crc(fields))
-    header = _RECORD_HEADER.pack(RECORD_MAGIC, length, lsn, batch, checksum, 0)
+    header = _RECORD_HEADER.pack(RECORD_MAGIC, length, lsn, batch, checksum, following)
     return header + payload + bytes(_padded(length) - length)
 
 
@@ -196,6 +198,7 @@ class Record:
     lsn: int
     batch: int
     payload: bytes
+    following: int = 0
 
     @property
     def end(self) -> int:
@@ -206,16 +209,17 @@ def decode_record(data: bytes, offset: int) -> Record | None:
     """The valid record at ``offset`` of a segment's bytes, or None."""
     if offset + RECORD_HEADER_SIZE > len(data):
         return None
-    magic, length, lsn, batch, stored, reserved = _RECORD_HEADER.unpack_from(data, offset)
-    if magic != RECORD_MAGIC or length > MAX_RECORD or reserved:
+    magic, length, lsn, batch, stored, following = _RECORD_HEADER.unpack_from(data, offset)
+    if magic != RECORD_MAGIC or length > MAX_RECORD:
         return None
     start = offset + RECORD_HEADER_SIZE
     if start + length > len(data):
         return None
     payload = data[start : start + length]
-    if crc(payload, crc(data[offset + 4 : offset + 24])) != stored:
+    fields = crc(data[offset + 28 : offset + 32], crc(data[offset + 4 : offset + 24]))
+    if crc(payload, fields) != stored:
         return None
-    return Record(offset, lsn, batch, bytes(payload))
+    return Record(offset, lsn, batch, bytes(payload), following)
 
 
 def find_valid_records_after(data: bytes, offset: int):

@@ -29,6 +29,7 @@ class LogScan:
     segments: list[tuple[int, str]] = field(default_factory=list)
     end: LogEnd | None = None
     last_batch: int = 0
+    last_following: int = 0  # records of last_batch still expected after the last good one
     discarded: int = 0  # committed records dropped by a salvage after mid-log damage
 
     @property
@@ -65,8 +66,10 @@ def scan_log(storage: Storage, uuid: bytes, after_lsn: int, *,
         try:
             header_lsn = formats.decode_segment_header(data, uuid, path)
         except FormatError as exc:
-            scan.discarded = _ensure_tail(contents, index, formats.SEGMENT_HEADER_SIZE,
-                                          scan.last_batch, str(exc), salvage)
+            # Headers are fsynced before any record goes in: every valid record after a damaged
+            # header (batch > 0) proves corruption.
+            scan.discarded = _ensure_tail(contents, index, formats.SEGMENT_HEADER_SIZE, 0,
+                                          str(exc), salvage)
             scan.end = LogEnd(path, 0, str(exc))
             return _finish(scan, after_lsn)
         if header_lsn != first_lsn:
@@ -89,7 +92,7 @@ def scan_log(storage: Storage, uuid: bytes, after_lsn: int, *,
                 if _is_clean_end(data, offset):
                     reason = f"log ends at {path} offset {offset}"
                     scan.discarded = _ensure_tail(contents[index : index + 1], 0, offset,
-                                                  scan.last_batch, reason, salvage)
+                                                  _damaged_batch(scan), reason, salvage)
                     if scan.discarded:
                         scan.end = LogEnd(path, offset, reason)
                         return _finish(scan, after_lsn)
@@ -97,18 +100,33 @@ def scan_log(storage: Storage, uuid: bytes, after_lsn: int, *,
                 reason = (f"invalid record at {path} offset {offset}" if record is None
                           else f"record at {path} offset {offset} has LSN {record.lsn}, "
                                f"expected {expected}")
-                scan.discarded = _ensure_tail(contents, index, offset, scan.last_batch, reason,
-                                              salvage)
+                scan.discarded = _ensure_tail(contents, index, offset, _damaged_batch(scan),
+                                              reason, salvage)
                 scan.end = LogEnd(path, offset, reason)
                 return _finish(scan, after_lsn)
             if record.lsn > after_lsn:
                 scan.records.append(record)
             scan.last_batch = record.batch
+            scan.last_following = record.following
             expected += 1
             offset = record.end
     if contents:
         scan.end = LogEnd(contents[-1][1], offset, None)
     return _finish(scan, after_lsn)
+
+
+def delete_segments_upto(storage: Storage, upto: int) -> int:
+    """Delete the segments whose every record is <= ``upto`` (the newest segment always stays);
+    return how many."""
+    segments = list_segments(storage)
+    removed = 0
+    for (_, path), (next_first, _) in zip(segments, segments[1:]):
+        if next_first - 1 <= upto:
+            storage.unlink(path)
+            removed += 1
+    if removed:
+        storage.fsync_dir(formats.WAL_DIR)
+    return removed
 
 
 def _has_records(data: bytes) -> bool:
@@ -120,28 +138,30 @@ def _is_clean_end(data: bytes, offset: int) -> bool:
     return offset >= len(data) or not any(data[offset : offset + formats.RECORD_HEADER_SIZE])
 
 
-def _ensure_tail(contents, index: int, offset: int, last_batch: int, reason: str,
+def _damaged_batch(scan: LogScan) -> int:
+    """The batch a damaged slot right after the last good record belongs to."""
+    return scan.last_batch if scan.last_following else scan.last_batch + 1
+
+
+def _ensure_tail(contents, index: int, offset: int, damaged_batch: int, reason: str,
                  salvage: bool) -> int:
     """Raise unless the damage at ``offset`` of segment ``index`` is confined to the last batch
-    (with ``salvage``, return how many committed records follow it instead).
-
-    The damaged slot belongs to the last good record's batch if that batch continues after it,
-    else to the next batch; any valid record of a batch after that one proves corruption."""
-    later = [(path, record) for position, (_, path, data) in enumerate(contents[index:])
-             for record in formats.find_valid_records_after(
-                 data, offset if position == 0 else formats.SEGMENT_HEADER_SIZE)]
-    damaged_batch = (last_batch if any(r.batch == last_batch for _, r in later)
-                     else last_batch + 1)
-    committed = [(path, record) for path, record in later if record.batch > damaged_batch]
+    (with ``salvage``, return how many committed records follow it instead): any valid record
+    of a batch after the damaged slot's proves that the damaged record was once durable."""
+    committed = [(path, record)
+                 for position, (_, path, data) in enumerate(contents[index:])
+                 for record in formats.find_valid_records_after(
+                     data, offset if position == 0 else formats.SEGMENT_HEADER_SIZE)
+                 if record.batch > damaged_batch]
     if salvage:
         return len(committed)
     for path, record in committed:
         raise FormatError(
-                f"WAL corrupt: {reason}, yet a later commit (batch {record.batch}, LSN "
-                f"{record.lsn}) follows it at {path} offset {record.offset}: refusing to "
-                "drop committed records (`razorfs fsck --repair` salvages the log up to "
-                "the damage)"
-            )
+            f"WAL corrupt: {reason}, yet a later commit (batch {record.batch}, LSN "
+            f"{record.lsn}) follows it at {path} offset {record.offset}: refusing to "
+            "drop committed records (`razorfs fsck --repair` salvages the log up to "
+            "the damage)"
+        )
     return 0
 
 

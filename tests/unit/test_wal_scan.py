@@ -18,8 +18,9 @@ def payload(lsn: int) -> bytes:
     return f"op {lsn:013d}".encode()
 
 
-def rec(lsn: int, batch: int) -> bytes:
-    return formats.encode_record(lsn, batch, payload(lsn))
+def rec(lsn: int, batch: int, following: int = 0) -> bytes:
+    """A record; ``following``: how many more records of its batch come after it."""
+    return formats.encode_record(lsn, batch, payload(lsn), following)
 
 
 def slot(index: int) -> int:
@@ -228,8 +229,8 @@ def test_damaged_segment_header_followed_by_a_later_batch_is_corruption(disk, uu
 
 
 def test_torn_header_of_the_newest_segment_is_a_torn_tail(disk, uuid) -> None:
-    write_segment(disk, uuid, 1, rec(1, 1), rec(2, 1))
-    newest = write_segment(disk, uuid, 3, rec(3, 2))
+    write_segment(disk, uuid, 1, rec(1, 1, 1), rec(2, 1))
+    newest = write_segment(disk, uuid, 3)  # a crash while creating it: no record yet
     with disk.open(newest) as f:
         f.pwrite(20, b"\xff")
     scan = scan_log(disk, uuid, 0)
@@ -238,10 +239,20 @@ def test_torn_header_of_the_newest_segment_is_a_torn_tail(disk, uuid) -> None:
     assert "checksum mismatch" in scan.end.reason
 
 
+def test_damaged_header_before_a_valid_record_is_corruption(disk, uuid) -> None:
+    # Headers are fsynced before any record goes into the segment.
+    write_segment(disk, uuid, 1, rec(1, 1, 1), rec(2, 1))
+    newest = write_segment(disk, uuid, 3, rec(3, 2))
+    with disk.open(newest) as f:
+        f.pwrite(20, b"\xff")
+    with pytest.raises(FormatError, match="corrupt"):
+        scan_log(disk, uuid, 0)
+
+
 def test_damage_inside_a_batch_followed_by_the_next_batch_is_corruption(disk, uuid) -> None:
     # LSNs 1..3 are batch 1; LSN 2's payload rots; LSN 3 (still batch 1) proves the damaged slot
     # belongs to batch 1, and LSN 4 of batch 2 proves batch 1's fsync returned (acknowledged).
-    write_segment(disk, uuid, 1, rec(1, 1), damaged(rec(2, 1)), rec(3, 1), rec(4, 2))
+    write_segment(disk, uuid, 1, rec(1, 1, 2), damaged(rec(2, 1, 1)), rec(3, 1), rec(4, 2))
     with pytest.raises(FormatError, match="corrupt"):
         scan_log(disk, uuid, 0)
 
@@ -278,4 +289,12 @@ def test_segment_whose_header_disagrees_with_its_name_is_refused(disk, uuid) -> 
     with disk.open(formats.segment_name(1), create=True) as f:
         f.pwrite(0, data)
     with pytest.raises(FormatError, match="header says first LSN 9"):
+        scan_log(disk, uuid, 0)
+
+
+def test_damaged_last_record_of_a_batch_followed_by_the_next_batch_is_corruption(disk, uuid):
+    # LSN 1 says one more record of batch 1 follows: the damaged slot is batch 1's, and batch
+    # 2 after it proves batch 1 was fsynced (acknowledged), not torn.
+    write_segment(disk, uuid, 1, rec(1, 1, 1), damaged(rec(2, 1)), rec(3, 2))
+    with pytest.raises(FormatError, match="corrupt"):
         scan_log(disk, uuid, 0)
