@@ -1,0 +1,196 @@
+"""Differential testing: the same seeded random POSIX operations on razorfs and on ext4.
+
+Every op's return value or errno is compared, then the attributes of the paths and file
+descriptor it touched; the whole trees (content, modes, link counts, hard-link groups, symlinks,
+user xattrs) are compared every ``FULL_CHECK_EVERY`` ops, after an fsync + kill -9 + recovery
+half-way through, at the end, and after an unmount and remount of razorfs. The generator and
+executor are in ``posix_ops.py``.
+
+    RAZORFS_SEED=N        replay one seed (RAZORFS_OPS=K: only its first K ops)
+    RAZORFS_LONG=1        many more seeds and ops
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+
+import pytest
+
+from posix_ops import (EMPTY_XATTR_NAME, FOREIGN_XATTR_NAME, Generator, Side, describe,
+                       post_state)
+
+LONG = bool(os.environ.get("RAZORFS_LONG"))
+DEFAULT_OPS = 5000 if LONG else 1000
+OPS_PER_SEED = int(os.environ.get("RAZORFS_OPS", DEFAULT_OPS))
+CRASH_AFTER = DEFAULT_OPS // 2  # fsync + kill -9 + recovery after this op (not moved by
+                                # RAZORFS_OPS, so that a replay crashes at the same point)
+SEEDS = ([int(os.environ["RAZORFS_SEED"])] if os.environ.get("RAZORFS_SEED")
+         else range(1, 11) if LONG else range(1, 5))
+FULL_CHECK_EVERY = 100
+SYNC_EVERY = 4  # every 4th seed mounts with --durability sync (each change waits for its commit)
+
+# Ops the generator draws again instead of running, as (predicate, reason): a difference from
+# ext4 found and confirmed but not fixed yet, each also shown on its own by a strict xfail test
+# below so that a fix is noticed. Empty: the op-level ones found so far were fixed in 48a3667
+# and are regression tests below (readdir repeating a name, xattr name validation). Access
+# times are not compared op by op (see test_relatime_read_moves_atime).
+KNOWN_DIFFERENCES: list = []
+
+
+def known_difference(op: dict) -> bool:
+    return any(matches(op) for matches, _ in KNOWN_DIFFERENCES)
+
+
+def compare_trees(ours: Side, ref: Side, context: str) -> None:
+    mine, theirs = ours.snapshot(), ref.snapshot()
+    if mine != theirs:
+        diff = {key: (mine.get(key), theirs.get(key)) for key in sorted({*mine, *theirs})
+                if mine.get(key) != theirs.get(key)}
+        raise AssertionError(f"{context}: trees differ (razorfs, ext4):\n" + "\n".join(
+            f"  {key!r}: {pair[0]!r}\n  {' ' * len(repr(key))}  {pair[1]!r}"
+            for key, pair in diff.items()))
+
+
+def crash_and_recover(mount, ours: Side, ref: Side, context: str) -> None:
+    """fsync (razorfs: everything done before it is durable, G1), SIGKILL the daemon, mount
+    again: recovery must rebuild exactly the tree that was served."""
+    ours.close_all()
+    ref.close_all()
+    fd = os.open(mount.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    mount.kill9()
+    mount.mount()
+    compare_trees(ours, ref, context)
+
+
+def run_seed(seed: int, count: int, mount, ours: Side, ref: Side) -> None:
+    generator = Generator(random.Random(seed), ref, skip=known_difference)
+    history: list[str] = []
+    for index in range(count):
+        op = generator.next()
+        history.append(f"#{index} {describe(op)}")
+        got = (ours.run(op), post_state(ours, op))
+        expected = (ref.run(op), post_state(ref, op))
+        if got != expected:
+            recent = "\n    ".join(history[-12:])
+            raise AssertionError(
+                f"seed {seed} op #{index} differs (replay: {'RAZORFS_LONG=1 ' if LONG else ''}"
+                f"RAZORFS_SEED={seed} RAZORFS_OPS={index + 1})\n  op:     {describe(op)}\n"
+                f"  razorfs: {got!r}\n  ext4:    {expected!r}\n  last ops:\n    {recent}")
+        if (index + 1) % FULL_CHECK_EVERY == 0:
+            compare_trees(ours, ref, f"seed {seed} after op #{index}")
+        if index + 1 == CRASH_AFTER:
+            crash_and_recover(mount, ours, ref, f"seed {seed}: fsync, kill -9, mount after op "
+                                                f"#{index}")
+    compare_trees(ours, ref, f"seed {seed} at the end")
+    ours.close_all()
+    ref.close_all()
+    mount.remount()
+    compare_trees(ours, ref, f"seed {seed} after unmount and remount")
+
+
+@pytest.mark.timeout(600 if LONG else 150)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_same_as_ext4(make_mount, tmp_path, seed):
+    mount = make_mount(*(("--durability", "sync") if seed % SYNC_EVERY == 0 else ()))
+    ref_root = tmp_path / "ext4"
+    ref_root.mkdir()
+    os.chmod(ref_root, stat.S_IMODE(os.stat(mount.path).st_mode))
+    ours, ref = Side(mount.path), Side(ref_root)
+    try:
+        run_seed(seed, OPS_PER_SEED, mount, ours, ref)
+    finally:
+        ours.close_all()
+        ref.close_all()
+
+
+def test_generator_is_deterministic(tmp_path):
+    """Replaying a seed needs the same ops in the same order."""
+    runs = []
+    for attempt in range(2):
+        side = Side(tmp_path / str(attempt))
+        os.mkdir(side.root)
+        generator = Generator(random.Random(7), side)
+        ops = []
+        for _ in range(300):
+            op = generator.next()
+            ops.append(describe(op))
+            side.run(op)
+        side.close_all()
+        runs.append(ops)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("kind", ["setxattr", "getxattr", "removexattr"])
+@pytest.mark.parametrize("name", [EMPTY_XATTR_NAME, FOREIGN_XATTR_NAME])
+def test_xattr_name_validation(mount, tmp_path, kind, name):
+    """Linux resolves the namespace before anything else (fs/xattr.c, xattr_resolve_name): an
+    unknown namespace is EOPNOTSUPP, a bare namespace prefix EINVAL, whether or not such an
+    attribute could exist. (razorfs before 48a3667: setxattr accepted 'user.', getxattr said
+    ENODATA for both -- TreeManager._check_xattr_name.)"""
+    op = {"kind": kind, "where": "f", "name": name}
+    if kind == "setxattr":
+        op.update(value=b"v", flags=0)
+    outcomes = []
+    for root in (tmp_path, mount.path):
+        (root / "f").write_bytes(b"x")
+        outcomes.append(Side(root).run(op))
+    assert outcomes[0] == ("err", "EINVAL" if name == EMPTY_XATTR_NAME else "ENOTSUP")
+    assert outcomes[1] == outcomes[0], f"razorfs {outcomes[1]}, ext4 {outcomes[0]}"
+
+
+@pytest.mark.parametrize("change", ["rename over", "unlink and create"])
+def test_readdir_never_repeats_a_name(mount, tmp_path, change):
+    """A name replaced or re-created while a directory is being listed is not listed twice
+    (ext4 and tmpfs never do; POSIX leaves it open). The first getdents() returns every entry;
+    the second resumes at the last cookie. (razorfs before 48a3667 gave a re-inserted name a
+    new, larger cookie -- razorfs/tree.py Directory.put -- so the second call returned it
+    again.)"""
+    listings = []
+    for root in (tmp_path, mount.path):
+        os.mkdir(root / "dir")
+        os.mkdir(root / "other")
+        for name in ("a", "b", "c", "other/x"):
+            (root / "dir" / name if "/" not in name else root / name).write_bytes(b"")
+        with os.scandir(root / "dir") as entries:
+            seen = [next(entries).name]
+            if change == "rename over":
+                os.rename(root / "other" / "x", root / "dir" / seen[0])
+            else:
+                os.unlink(root / "dir" / seen[0])
+                (root / "dir" / seen[0]).write_bytes(b"")
+            seen += [entry.name for entry in entries]
+        listings.append(seen)
+    ext4, ours = listings
+    assert sorted(ext4) == ["a", "b", "c"]
+    assert sorted(ours) == ["a", "b", "c"], f"razorfs listed {ours}"
+
+
+RELATIME_MISSES = (
+    "LIMITATION of FUSE (documented in README): relatime moves atime only for READ requests "
+    "that reach the daemon. The kernel never updates atime of a FUSE inode itself (S_NOATIME) "
+    "and sends no READ for a read served from the page cache or at end of file, so there atime "
+    "stays older than mtime where Linux filesystems move it")
+
+
+@pytest.mark.xfail(strict=True, reason=RELATIME_MISSES)
+@pytest.mark.parametrize("read", ["cached", "at end of file"])
+def test_relatime_read_moves_atime(mount, tmp_path, read):
+    old = 1_600_000_000 * 10**9
+    moved = []
+    for root in (tmp_path, mount.path):
+        path = root / "f"
+        path.write_bytes(b"x" * 8192)
+        path.read_bytes()                      # the page cache holds the whole file now
+        os.utime(path, ns=(old, old + 10**9))  # atime older than mtime: a read must move it
+        with open(path, "rb") as stream:
+            stream.seek(0 if read == "cached" else 8192)
+            stream.read()
+        moved.append(os.stat(path).st_atime_ns != old)
+    assert moved[0], "ext4 (relatime) did not move atime"
+    assert moved[1], f"razorfs left atime at {old} after a read ({read})"
