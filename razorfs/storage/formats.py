@@ -80,7 +80,9 @@ from dataclasses import dataclass
 
 import crc32c as _crc32c
 
-FORMAT_VERSION = 1
+# 2: WAL record bytes 28..31 say how many records of the batch follow (under the CRC).
+# Older versions are refused (the superblock, segment and checkpoint headers carry it).
+FORMAT_VERSION = 2
 BLOCK_SIZE = 4096
 MAX_RECORD = 64 << 20
 
