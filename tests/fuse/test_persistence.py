@@ -93,6 +93,16 @@ def unsynced_changes(root) -> None:
     os.symlink("renamed", root / "newdir" / "sl")
 
 
+# These tests compare every timestamp across remounts and crashes, reading every file to do
+# so: reads must not move atime here (relatime has its own tests, in test_atime.py).
+NOATIME = "--noatime"
+
+
+@pytest.fixture
+def mount(make_mount):
+    return make_mount(NOATIME)
+
+
 def test_unmount_remount_keeps_everything(mount):
     populate(mount.path)
     before = snapshot(mount.path)
@@ -156,7 +166,7 @@ def test_fsynced_state_survives_kill9(mount):
 
 
 def test_sync_durability_survives_kill9_without_fsync(make_mount):
-    mount = make_mount("--durability", "sync")
+    mount = make_mount("--durability", "sync", NOATIME)
     assert mount.event("mounted")["durability"] == "sync"
     populate(mount.path)
     unsynced_changes(mount.path)
@@ -169,7 +179,7 @@ def test_sync_durability_survives_kill9_without_fsync(make_mount):
 
 
 def test_commit_interval_bounds_loss_without_fsync(make_mount):
-    mount = make_mount("--commit-interval", "0.2")
+    mount = make_mount("--commit-interval", "0.2", NOATIME)
     populate(mount.path)
     unsynced_changes(mount.path)
     before = snapshot(mount.path)
@@ -184,7 +194,7 @@ def test_commit_interval_bounds_loss_without_fsync(make_mount):
 def test_kill9_during_writes_recovers_a_prefix(make_mount):
     """A crash in the middle of a stream of appends: every file comes back as a prefix of what
     was written (whole transactions, in order), fsync'd data intact, fsck clean."""
-    mount = make_mount("--commit-interval", "0.05")
+    mount = make_mount("--commit-interval", "0.05", NOATIME)
     (mount.path / "stable").write_bytes(b"fsync'd before the storm")
     fd = os.open(mount.path / "stable", os.O_RDONLY)
     os.fsync(fd)
