@@ -29,8 +29,8 @@ from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.storage.interface import Storage, StorageFile
 from razorfs.storage.simdisk import SimDisk
 
-SEEDS = range(2000 if os.environ.get("RAZORFS_LONG") else 200)
-CUTS_PER_RUN = 3
+SEEDS = range(10_000 if os.environ.get("RAZORFS_LONG") else 1000)
+CUTS_PER_RUN = 4  # plus the final cut, each also cut again during its recovery: 10 per seed
 # Commits only when someone waits (no timer): the order of storage calls is a function of the seed.
 TUNING = dict(commit_interval=1e6, segment_bytes=8 << 10)
 NAMES = [b"a", b"b", b"c", b"d", b"e"]
