@@ -35,6 +35,7 @@ from razorfs.tree import TreeState
 log = structlog.get_logger("razorfs.recovery")
 
 CHECKPOINTS_KEPT = 2
+REPLAY_PROGRESS_EVERY = 100_000
 
 
 @dataclass
@@ -84,7 +85,9 @@ def load(storage: Storage, *, salvage: bool = False) -> Recovered:
     else:
         raise FormatError("no valid checkpoint" + (": " + "; ".join(skipped) if skipped else ""))
     scan = scan_log(storage, superblock.uuid, checkpoint_lsn, salvage=salvage)
-    for record in scan.records:
+    for done, record in enumerate(scan.records, 1):
+        if done % REPLAY_PROGRESS_EVERY == 0:
+            log.info("replaying WAL", replayed=done, total=len(scan.records))
         try:
             ops = m.decode_ops(record.payload)
             for op in ops:

@@ -155,6 +155,7 @@ async def test_repeated_checkpoint_keeps_the_fallback_usable(disk):
         assert b"a" in await fs.listdir(), "fell back to an older checkpoint without its log"
 
 
+@pytest.mark.logs_errors
 @pytest.mark.parametrize("op, path", [("fsync", "wal/"), ("pwrite", "wal/"), ("fsync", "blocks")])
 async def test_log_write_error_turns_the_filesystem_read_only(disk, op, path):
     async with mounted(disk, commit_interval=30.0) as fs:
@@ -187,6 +188,7 @@ async def test_log_write_error_turns_the_filesystem_read_only(disk, op, path):
         assert await fs.read(await fs.resolve("kept")) == b"durable bytes"
 
 
+@pytest.mark.logs_errors
 @pytest.mark.parametrize("op", ["fsync", "rename", "fsync_dir"])
 async def test_failed_checkpoint_loses_nothing(disk, op):
     async with mounted(disk) as fs:
@@ -218,6 +220,7 @@ async def test_log_growth_triggers_a_checkpoint(disk, autojump_clock):
         assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
 
 
+@pytest.mark.logs_errors
 async def test_half_applied_transaction_never_reaches_a_checkpoint(disk):
     async with mounted(disk) as fs:
         f = await fs.create(b"f")
