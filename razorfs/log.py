@@ -1,12 +1,27 @@
 """structlog set-up: JSON lines when stderr is not a terminal (journald, log files), readable
-console lines on a terminal. Request context (op, inode, request id) comes from contextvars."""
+console lines on a terminal. Every line logged while a FUSE request is handled carries its op,
+inode and request id, from one context variable the FUSE edge sets per request (one set and one
+reset per request; structlog's bound_contextvars costs several of each, and the daemon handles
+requests far more often than it logs)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 
 import structlog
+
+current_request: ContextVar[tuple | None] = ContextVar("razorfs_request", default=None)
+
+
+def add_request_context(logger, method_name: str, event_dict: dict) -> dict:
+    request = current_request.get()
+    if request is not None:
+        event_dict.setdefault("op", request[0])
+        event_dict.setdefault("inode", request[1])
+        event_dict.setdefault("request", request[2])
+    return event_dict
 
 
 def configure(level: str = "info", stream=None) -> None:
@@ -15,6 +30,7 @@ def configure(level: str = "info", stream=None) -> None:
                 else structlog.processors.JSONRenderer())
     processors = [
         structlog.contextvars.merge_contextvars,
+        add_request_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -18,6 +18,7 @@ import pyfuse3
 import structlog
 
 from razorfs.errors import FsError
+from razorfs.log import current_request
 
 log = structlog.get_logger("razorfs.fuse")
 
@@ -41,24 +42,24 @@ def fuse_edge(handler):
         inode = first_arg if isinstance(first_arg, int) else None
         started = time.perf_counter()
         failed = True
-        with structlog.contextvars.bound_contextvars(op=op, inode=inode,
-                                                     request=next(_request_ids)):
-            try:
-                result = await handler(self, first_arg, *args)
-                failed = False
-                return result
-            except Exception as exc:
-                mapped = to_fuse_error(exc)
-                if mapped is not None:
-                    raise mapped from None
-                if self.reraise_unexpected:
-                    raise
-                log.exception("unexpected error in request; answered EIO")
-                self.metrics.unexpected_errors += 1
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            finally:
-                seconds = time.perf_counter() - started
-                self.metrics.record(op, seconds, failed)
-                log.debug("request", seconds=round(seconds, 6), failed=failed)
+        context = current_request.set((op, inode, next(_request_ids)))
+        try:
+            result = await handler(self, first_arg, *args)
+            failed = False
+            return result
+        except Exception as exc:
+            mapped = to_fuse_error(exc)
+            if mapped is not None:
+                raise mapped from None
+            if self.reraise_unexpected:
+                raise
+            log.exception("unexpected error in request; answered EIO")
+            self.metrics.unexpected_errors += 1
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            seconds = time.perf_counter() - started
+            self.metrics.record(op, seconds, failed)
+            log.debug("request", seconds=round(seconds, 6), failed=failed)
+            current_request.reset(context)
 
     return edge

@@ -47,6 +47,51 @@ class ChecksumMismatch(Exception):
         self.pblk = pblk
 
 
+class BlockLease:
+    """Blocks taken from the allocator ahead of need, LEASE_BLOCKS at a time: a write takes its
+    blocks here instead of asking the allocator each time (one actor round trip less per write,
+    and sequential writes get contiguous runs). The allocator counts leased blocks as used; a
+    crash returns them for free, since recovery rebuilds free space from the extent maps."""
+
+    LEASE_BLOCKS = 256
+
+    def __init__(self, allocator) -> None:
+        self._allocator = allocator
+        self._extents: list[list[int]] = []  # [start, length], taken from the front
+        self._count = 0
+
+    async def take(self, count: int) -> tuple:
+        """Flat (start, length, ...) extents covering ``count`` blocks."""
+        while self._count < count:
+            try:
+                got = (await self._allocator.ask(
+                    m.Allocate(max(count, self.LEASE_BLOCKS)))).value
+            except FsError as exc:
+                if exc.errno != errno.ENOSPC or count >= self.LEASE_BLOCKS:
+                    raise
+                got = (await self._allocator.ask(m.Allocate(count))).value  # nearly full disk
+            for i in range(0, len(got), 2):
+                self._extents.append([got[i], got[i + 1]])
+            self._count += sum(got[1::2])
+        taken = []
+        while count:
+            extent = self._extents[0]
+            length = min(count, extent[1])
+            taken += (extent[0], length)
+            extent[0] += length
+            extent[1] -= length
+            if not extent[1]:
+                self._extents.pop(0)
+            count -= length
+            self._count -= length
+        return tuple(taken)
+
+    async def give_back(self) -> None:
+        if self._extents:
+            await self._allocator.tell(m.Release(tuple(v for e in self._extents for v in e)))
+            self._extents, self._count = [], 0
+
+
 @dataclass
 class OpenFile:
     ino: int
@@ -98,6 +143,7 @@ class Operations(pyfuse3.Operations):
         self._tree = handles.tree
         self._wal = handles.wal
         self._allocator = handles.allocator
+        self._lease = BlockLease(handles.allocator)
         self._blocks = handles.blocks
         self._wal_status = handles.wal_status
         self._sync_writes = sync_writes
@@ -113,6 +159,7 @@ class Operations(pyfuse3.Operations):
         self.initialized.set()
 
     async def close_mailboxes(self) -> None:
+        await self._lease.give_back()
         for mailbox in (self._tree, self._wal, self._allocator):
             await mailbox.aclose()
 
@@ -185,7 +232,7 @@ class Operations(pyfuse3.Operations):
     async def _write_blocks(self, first: int, buffer: bytes | bytearray) -> tuple:
         """Write whole blocks to freshly allocated space; return flat (lblk, pblk, crc)."""
         count = len(buffer) // BLOCK_SIZE
-        extents = (await self._allocator.ask(m.Allocate(count))).value
+        extents = await self._lease.take(count)
         try:
             if len(buffer) <= INLINE_WRITE_BYTES:
                 crcs = self._blocks.write(extents, buffer)
