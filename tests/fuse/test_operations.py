@@ -6,11 +6,12 @@ import ctypes
 import errno
 import mmap
 import os
-import pickle
 import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from users import run_as
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,36 +38,6 @@ def write_file(path, data: bytes, flags: int = 0) -> None:
 def read_file(path) -> bytes:
     with open(path, "rb") as stream:
         return stream.read()
-
-
-def as_user(uid: int, cwd, func):
-    """Run ``func()`` in a forked child with uid/gid ``uid``, started inside ``cwd`` (so no
-    directory above the mount needs to be searchable); its result or exception comes back."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        status = 0
-        try:
-            os.close(read_end)
-            os.chdir(cwd)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                result = ("ok", func())
-            except OSError as exc:
-                result = ("error", exc.errno)
-            with os.fdopen(write_end, "wb") as out:
-                pickle.dump(result, out)
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as answer:
-        data = answer.read()
-    assert os.waitpid(pid, 0)[1] == 0 and data, "child failed"
-    return pickle.loads(data)
 
 
 def raises_errno(code: int, func, *args, **kwargs) -> None:
@@ -401,7 +372,7 @@ def test_concurrent_unaligned_writes_to_shared_blocks(mount):
 def test_other_users_refused_without_allow_other(mount):
     write_file(mount.path / "f", b"x")
     os.chmod(mount.path, 0o777)
-    assert as_user(1000, mount.path, lambda: os.listdir(".")) == ("error", errno.EACCES)
+    assert run_as(1000, 1000, mount.path, lambda: os.listdir(".")) == "EACCES"
 
 
 def test_allow_other_permissions(make_mount):
@@ -425,13 +396,12 @@ def test_allow_other_permissions(make_mount):
             stream.write(b"y")
         return stat.S_IMODE(os.stat("suid").st_mode)
 
-    assert as_user(1000, mount.path, lambda: read_file("public")) == ("ok", b"hello")
-    assert as_user(1000, mount.path, lambda: read_file("private")) == ("error", errno.EACCES)
-    assert as_user(1000, mount.path, lambda: write_file("public", b"!")) == ("error",
-                                                                            errno.EACCES)
-    assert as_user(1000, mount.path, lambda: os.unlink("public")) == ("error", errno.EPERM)
-    assert as_user(1000, mount.path, create) == ("ok", (1000, 1000))
-    assert as_user(1000, mount.path, append_to_suid) == ("ok", 0o755)  # set-id bits dropped
+    assert run_as(1000, 1000, mount.path, lambda: read_file("public")) == ("ok", b"hello")
+    assert run_as(1000, 1000, mount.path, lambda: read_file("private")) == "EACCES"
+    assert run_as(1000, 1000, mount.path, lambda: write_file("public", b"!")) == "EACCES"
+    assert run_as(1000, 1000, mount.path, lambda: os.unlink("public")) == "EPERM"
+    assert run_as(1000, 1000, mount.path, create) == ("ok", (1000, 1000))
+    assert run_as(1000, 1000, mount.path, append_to_suid) == ("ok", 0o755)  # set-id bits dropped
     assert read_file(mount.path / "public") == b"hello"
 
 
