@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--metrics", metavar="[ADDRESS:]PORT",
                        help="serve Prometheus metrics over HTTP (address defaults to 127.0.0.1)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    # benchmarks only (bench/scale.py): WAL bytes that trigger a checkpoint (default 64 MiB)
+    mount.add_argument("--checkpoint-bytes", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to finish")
     umount.add_argument("mountpoint")
@@ -98,7 +100,8 @@ def _mount(args) -> int:
         data_dir=args.data_dir, mountpoint=args.mountpoint, allow_other=args.allow_other,
         sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
         ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file,
-        read_only=args.read_only, noatime=args.noatime, metrics=args.metrics)
+        read_only=args.read_only, noatime=args.noatime, metrics=args.metrics,
+        checkpoint_bytes=args.checkpoint_bytes)
     return daemon.run(options)
 
 
@@ -118,6 +121,8 @@ def _mount_in_background(args) -> int:
         command.append("--noatime")
     if args.metrics:
         command += ["--metrics", args.metrics]
+    if args.checkpoint_bytes is not None:
+        command += ["--checkpoint-bytes", str(args.checkpoint_bytes)]
     with open(log_file, "ab") as log_stream:
         log_start = log_stream.tell()
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log_stream:

@@ -9,6 +9,8 @@ about trio.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import stat
 import sys
 from array import array
@@ -118,6 +120,9 @@ class TreeState:
     def __init__(self) -> None:
         self.inodes: dict[int, Inode] = {}
         self.next_ino = ROOT_INO + 1
+        # the checkpoint being captured, if any (``begin_capture``); apply keeps it exact
+        self.capture: SnapshotCapture | None = None
+        self._capture_ids = itertools.count(1)
 
     @classmethod
     def fresh(cls, *, uid: int, gid: int, now_ns: int, mode: int = 0o755) -> TreeState:
@@ -142,6 +147,9 @@ class TreeState:
         except KeyError:
             raise ReplayError(f"{type(op).__name__} is not a redo operation") from None
         try:
+            if self.capture is not None:
+                # Copy-on-write for the checkpoint being captured.
+                self.capture.before(op, handler in _CHANGES_PARENT)
             return handler(self, op)
         except (KeyError, AttributeError, TypeError, IndexError, ValueError) as exc:
             raise ReplayError(f"cannot apply {op!r:.200}: {exc!r}") from None
@@ -214,24 +222,28 @@ class TreeState:
     # ---- checkpoints ----
 
     def to_snapshot(self) -> bytes:
-        records = []
-        for inode in self.inodes.values():
-            if inode.directory is not None:
-                body = [(name, ino) for _, name, ino in inode.directory.after(0)]
-            elif inode.blocks is not None:
-                flat = array("Q")
-                for lblk, packed in inode.blocks.items():
-                    flat.append(lblk)
-                    flat.append(packed)
-                if _BIG_ENDIAN:
-                    flat.byteswap()
-                body = flat.tobytes()
-            else:
-                body = inode.target
-            records.append((inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev,
-                            inode.size, inode.atime_ns, inode.mtime_ns, inode.ctime_ns, body,
-                            inode.xattrs))
-        return msgpack.packb((self.next_ino, records), use_bin_type=True)
+        """The checkpoint body: msgpack of (next_ino, [record of each inode, by inode number]).
+
+        Records are packed one by one and concatenated (the same bytes as packing the whole
+        list at once), in inode number order, so that ``SnapshotCapture`` can produce exactly
+        these bytes in chunks."""
+        pack = _packer()
+        inodes = self.inodes
+        numbers = sorted(inodes)
+        parts = [_body_head(pack, self.next_ino, len(numbers))]
+        parts.extend([pack(_record(inodes[ino])) for ino in numbers])
+        return b"".join(parts)
+
+    def begin_capture(self, lsn: int) -> SnapshotCapture:
+        """Start capturing the snapshot of the state as it is now (as of ``lsn``), to be read
+        in chunks with ``SnapshotCapture.next_chunk`` while ``apply`` goes on changing the
+        state. Replaces (abandons) any capture still running: one at a time."""
+        self.capture = SnapshotCapture(self, lsn, next(self._capture_ids))
+        return self.capture
+
+    def end_capture(self) -> None:
+        """Abandon the running capture, if any (its copies are dropped, apply stops copying)."""
+        self.capture = None
 
     @classmethod
     def from_snapshot(cls, body: bytes) -> TreeState:
@@ -283,3 +295,265 @@ _APPLY = {
     m.PutXattr: TreeState._put_xattr,
     m.DropXattr: TreeState._drop_xattr,
 }
+
+_CHANGES_PARENT = (TreeState._put_entry, TreeState._drop_entry)
+
+
+# ---- checkpoint bodies, whole or in chunks ----
+#
+# A record is the msgpack array (ino, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns,
+# ctime_ns, content, xattrs); content is a directory's [(name, ino), ...] in cookie order, a
+# file's extent map as little-endian uint64 pairs (lblk, (pblk << 32) | crc) in bytes, or a
+# symlink's target. ``lookups`` (kernel references) and ``parent`` (derived from the entries)
+# are not part of it.
+
+_RECORD_HEAD = b"\x9c"  # msgpack fixarray of 12 items
+
+
+def _packer():
+    """A packer for one thread (a msgpack Packer keeps a buffer: never share one)."""
+    return msgpack.Packer(use_bin_type=True).pack
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def _bin_header(length: int) -> bytes:
+    if length < 1 << 8:
+        return b"\xc4" + bytes((length,))
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
+
+
+def _body_head(pack, next_ino: int, count: int) -> bytes:
+    """What precedes the records: a 2-array (next_ino, records) and the records' array."""
+    return b"\x92" + pack(next_ino) + _array_header(count)
+
+
+def _entries(directory: Directory, cookies) -> list[tuple[bytes, int]]:
+    names = list(map(directory.by_cookie.__getitem__, cookies))
+    return list(zip(names, map(directory.names.__getitem__, names)))
+
+
+def _extents(pairs) -> bytes:
+    """An extent map's content: ``pairs`` is an iterable of (lblk, packed) pairs."""
+    flat = array("Q", itertools.chain.from_iterable(pairs))
+    if _BIG_ENDIAN:
+        flat.byteswap()
+    return flat.tobytes()
+
+
+def _content_items(inode: Inode) -> int:
+    if inode.directory is not None:
+        return len(inode.directory.order)
+    return len(inode.blocks) if inode.blocks is not None else 0
+
+
+def _attributes(inode: Inode) -> tuple:
+    return (inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev, inode.size,
+            inode.atime_ns, inode.mtime_ns, inode.ctime_ns)
+
+
+def _record(inode: Inode) -> tuple:
+    if inode.directory is not None:
+        content = _entries(inode.directory, inode.directory.order)
+    elif inode.blocks is not None:
+        content = _extents(inode.blocks.items())
+    else:
+        content = inode.target
+    return (*_attributes(inode), content, inode.xattrs)
+
+
+def _frozen_copy(inode: Inode) -> Inode:
+    """What a record of ``inode`` needs, copied so that the original can change; only for
+    serialising: ``parent`` and ``lookups`` are not kept. A directory's entries are not copied
+    (a million-entry directory would take too long): the copy shares the live ``Directory``,
+    and ``SnapshotCapture`` keeps the prior state of each entry changed instead."""
+    copy = Inode.__new__(Inode)
+    for name in _PUT_FIELDS:
+        setattr(copy, name, getattr(inode, name))
+    copy.target = inode.target
+    copy.parent = copy.lookups = 0
+    copy.xattrs = None if inode.xattrs is None else dict(inode.xattrs)
+    copy.blocks = None if inode.blocks is None else dict(inode.blocks)
+    copy.directory = inode.directory
+    return copy
+
+
+class SnapshotCapture:
+    """The checkpoint body as of one LSN, produced in chunks while the state keeps changing.
+
+    At the start it takes only the inode numbers existing then, sorted (``to_snapshot``'s
+    record order), and ``next_ino``. Records are then produced in that order, a chunk at a
+    time; ``low`` is the number of the first record not completely produced, ``end`` the first
+    number that did not exist at the start (numbers only grow: inodes created later are not in
+    the capture). Copy-on-write keeps the result exact: before ``TreeState.apply`` changes an
+    inode numbered from ``low`` to ``end``, ``before`` keeps what the op is about to change:
+
+    * attributes, xattrs, extent map, symlink target: a copy of the inode (``saved``), once;
+    * a directory's entries: the prior (ino, cookie) of each name changed, or None when the name
+      did not exist (``prior``), once per name; the entries as of the start are then the live
+      ones whose name has no prior, plus the priors, in cookie order. This costs per change, not
+      per entry: copying a directory of a million entries would hold everything up.
+
+    An inode dropped since was copied first, so the concatenated chunks are exactly
+    ``to_snapshot()`` of the state at the start. A record with many entries or extents (more
+    than a chunk's worth) is produced in pieces across chunks; until it is complete its inode
+    counts as not yet serialised (it is ``low``), so changes in between are kept as above and
+    the remaining pieces come from the state as of the start.
+    """
+
+    ITEMS_PER_UNIT = 8  # directory entries or extents costing about one small record
+
+    def __init__(self, state: TreeState, lsn: int, ident: int) -> None:
+        self.lsn = lsn
+        self.ident = ident
+        self._state = state
+        self._pack = _packer()
+        numbers = list(state.inodes)
+        numbers.sort()  # already sorted in practice (numbers only grow): one linear pass
+        self._numbers = numbers
+        self._position = 0
+        self.end = state.next_ino
+        self.low = numbers[0] if numbers else self.end
+        self.saved: dict[int, Inode] = {}
+        self.prior: dict[int, dict[bytes, tuple[int, int] | None]] = {}
+        self._head: bytes | None = _body_head(self._pack, state.next_ino, len(numbers))
+        self._pieces = None  # generator of the record being produced in pieces
+        self._slice = 1 << 14
+
+    @property
+    def done(self) -> bool:
+        return self._position >= len(self._numbers)
+
+    def before(self, op, changes_entry: bool) -> None:
+        """Keep what ``op`` (about to be applied) changes, if the capture still needs it."""
+        if changes_entry:
+            if self.low <= op.parent < self.end:
+                directory = self._state.inodes.get(op.parent)
+                if directory is not None and directory.directory is not None:
+                    prior = self.prior.setdefault(op.parent, {})
+                    if op.name not in prior:
+                        ino = directory.directory.names.get(op.name)
+                        prior[op.name] = (None if ino is None
+                                          else (ino, directory.directory.cookies[op.name]))
+        elif self.low <= op.ino < self.end and op.ino not in self.saved:
+            inode = self._state.inodes.get(op.ino)
+            if inode is not None:
+                self.saved[op.ino] = _frozen_copy(inode)
+
+    def next_chunk(self, budget: int) -> tuple[bool, bytes]:
+        """About ``budget`` units of work (a small record is one unit; ``ITEMS_PER_UNIT``
+        entries or extents are one more): (whether this was the last chunk, its bytes).
+        Once the last chunk is out, the capture detaches itself from the state."""
+        budget = max(1, budget)
+        self._slice = budget * self.ITEMS_PER_UNIT
+        parts = []
+        if self._head is not None:
+            parts.append(self._head)
+            self._head = None
+        numbers, saved, prior = self._numbers, self.saved, self.prior
+        inodes, pack = self._state.inodes, self._pack
+        spent = 0
+        while spent < budget and self._position < len(numbers):
+            if self._pieces is None:
+                ino = numbers[self._position]
+                inode = saved.get(ino) or inodes[ino]
+                items = _content_items(inode)
+                if items <= self._slice and ino not in prior:
+                    parts.append(pack(_record(inode)))
+                    spent += 1 + items // self.ITEMS_PER_UNIT
+                    self._advance()
+                    continue
+                self._pieces = self._record_pieces(ino)
+            piece = next(self._pieces, None)
+            if piece is None:
+                self._pieces = None
+                self._advance()
+            else:
+                parts.append(piece)
+                spent += 1 + len(piece) // (16 * self.ITEMS_PER_UNIT)
+        if self.done and self._state.capture is self:
+            self._state.capture = None
+        return self.done, b"".join(parts)
+
+    def _advance(self) -> None:
+        ino = self._numbers[self._position]
+        self.saved.pop(ino, None)
+        self.prior.pop(ino, None)
+        self._position += 1
+        self.low = self._numbers[self._position] if not self.done else self.end
+
+    def _source(self, ino: int) -> Inode:
+        """The inode as of the capture's LSN (entries aside): its copy if it changed since."""
+        return self.saved.get(ino) or self._state.inodes[ino]
+
+    def _record_pieces(self, ino: int):
+        """The bytes of one record, a slice of its entries or extents at a time."""
+        pack = self._pack
+        inode = self._source(ino)
+        head = _RECORD_HEAD + pack(_attributes(inode))[1:]  # fixarray 10 → 12: content, xattrs
+        if inode.directory is not None:
+            yield head + _array_header(self._entry_count(ino, inode.directory))
+            after = 0  # cookies are >= 1
+            while True:
+                entries = self._entries_after(ino, inode.directory, after)
+                if not entries:
+                    break
+                after = entries[-1][0]
+                yield pack([(name, child) for _, name, child in entries])[
+                    len(_array_header(len(entries))):]
+        else:
+            # A dict has no positions to resume at: iterate it, and when it changes (it was
+            # copied first) resume on the copy, which has the same order, after as many.
+            blocks = inode.blocks
+            total = len(blocks)
+            yield head + _bin_header(16 * total)
+            pairs, done = iter(blocks.items()), 0
+            while done < total:
+                current = self._source(ino).blocks
+                if current is not blocks:
+                    blocks = current
+                    pairs = itertools.islice(iter(blocks.items()), done, None)
+                count = min(self._slice, total - done)
+                yield _extents(itertools.islice(pairs, count))
+                done += count
+        yield pack(self._source(ino).xattrs)
+
+    def _entry_count(self, ino: int, directory: Directory) -> int:
+        prior = self.prior.get(ino)
+        if not prior:
+            return len(directory.names)
+        names = directory.names
+        return (len(names) - sum(name in names for name in prior)
+                + sum(entry is not None for entry in prior.values()))
+
+    def _entries_after(self, ino: int, directory: Directory, after: int) -> list:
+        """Up to a slice of (cookie, name, ino) of the directory as of the capture, with a
+        cookie greater than ``after``, in cookie order."""
+        order, limit = directory.order, self._slice
+        start = bisect_right(order, after)
+        prior = self.prior.get(ino)
+        if not prior:
+            cookies = order[start:start + limit]
+            names = list(map(directory.by_cookie.__getitem__, cookies))
+            return list(zip(cookies, names, map(directory.names.__getitem__, names)))
+        restored = sorted((entry[1], name, entry[0]) for name, entry in prior.items()
+                          if entry is not None and entry[1] > after)
+        by_cookie, names, result = directory.by_cookie, directory.names, []
+        live = iter(order[start:])
+        merged = heapq.merge(((cookie, by_cookie[cookie]) for cookie in live), restored)
+        for item in merged:
+            if len(item) == 3:
+                result.append(item)
+            elif item[1] not in prior:
+                result.append((item[0], item[1], names[item[1]]))
+            if len(result) >= limit:
+                break
+        return result

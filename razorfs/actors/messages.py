@@ -12,6 +12,8 @@ Inode attributes travel as ``Attr`` (a named tuple, an array on the wire).
 from __future__ import annotations
 
 import dataclasses
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -416,6 +418,35 @@ class Failed:
     message: str
 
 
+# ---- incremental checkpoints (recovery coordinator → tree manager) ----
+
+
+@_message
+class BeginSnapshot:
+    """Start capturing the tree as of the last LSN applied (copy-on-write from now on; one
+    capture at a time, a new one replaces any other): reply (capture id, lsn)."""
+
+    TAG: ClassVar[int] = 72
+
+
+@_message
+class SnapshotChunk:
+    """The next piece of capture ``capture``'s checkpoint body, about ``budget`` inode records
+    of work: reply (last: bool, bytes). The pieces concatenated are exactly the body."""
+
+    TAG: ClassVar[int] = 73
+    capture: int
+    budget: int
+
+
+@_message
+class AbortSnapshot:
+    """Drop capture ``capture`` if it is still the running one (no reply needed)."""
+
+    TAG: ClassVar[int] = 74
+    capture: int
+
+
 REDO_OPS = (PutInode, DropInode, PutEntry, DropEntry, PutTarget, PutBlocks, TruncateBlocks,
             PutXattr, DropXattr)
 _ALL = REDO_OPS + (
@@ -425,6 +456,7 @@ _ALL = REDO_OPS + (
     Allocate, Release, FreeAfter, DurableUpTo, SpaceStats,
     Append, WaitDurable, TrimLog, WalStats, Checkpoint, CheckpointStats,
     Ok, Failed,
+    BeginSnapshot, SnapshotChunk, AbortSnapshot,
 )
 _BY_TAG = {cls.TAG: cls for cls in _ALL}
 assert len(_BY_TAG) == len(_ALL), "duplicate message tag"
@@ -435,8 +467,21 @@ class SchemaError(ValueError):
     """Bytes that are not a message of this schema."""
 
 
+def _field_getter(cls) -> Callable[[Any], tuple]:
+    """A C-level getter of the message's fields as a tuple: encoding is on every request's path,
+    and a generator of getattr calls cost several µs per message."""
+    names = _FIELDS[cls]
+    if len(names) == 1:
+        get_one = operator.attrgetter(names[0])
+        return lambda message: (get_one(message),)
+    return operator.attrgetter(*names) if names else lambda message: ()
+
+
+_GETTERS = {cls: _field_getter(cls) for cls in _ALL}
+
+
 def _as_list(message) -> list:
-    return [message.TAG, *(getattr(message, name) for name in _FIELDS[type(message)])]
+    return [message.TAG, *_GETTERS[type(message)](message)]
 
 
 def _from_list(items) -> Any:

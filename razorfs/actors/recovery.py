@@ -22,7 +22,7 @@ import trio
 from razorfs.actors import messages as m
 from razorfs.actors.block_allocator import BlockAllocator, FreeSpace
 from razorfs.actors.mailbox import Mailbox, handle_envelope, open_mailbox
-from razorfs.actors.tree_manager import TreeManager
+from razorfs.actors.tree_manager import TreeManager, TreeQueries
 from razorfs.actors.wal_writer import WalStatus, WalWriter
 from razorfs.errors import FsError
 from razorfs.storage import formats
@@ -172,6 +172,7 @@ class Handles:
     """What the FUSE layer talks to once the filesystem is up."""
 
     tree: Mailbox
+    queries: TreeQueries  # the tree manager's read-only face, called directly
     wal: Mailbox
     allocator: Mailbox
     blocks: BlockStore
@@ -185,6 +186,9 @@ class Tuning:
     checkpoint_bytes: int = 64 << 20
     checkpoint_poll: float = 2.0
     segment_bytes: int = WalWriter.SEGMENT_BYTES
+    # work per SnapshotChunk ask, in inode records (a few ms): the tree manager serves other
+    # requests between two chunks, so this bounds how long a checkpoint holds any of them up
+    checkpoint_chunk: int = 2000
 
 
 class RecoveryCoordinator:
@@ -219,11 +223,12 @@ class RecoveryCoordinator:
                     next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
                     commit_interval=self._tuning.commit_interval, allocator=allocator.clone(),
                     status=status, segment_bytes=self._tuning.segment_bytes).run)
-                await nursery.start(TreeManager(
+                tree_manager = TreeManager(
                     tree_inbox, recovered.state, last_lsn=recovered.last_lsn, wal=wal.clone(),
-                    wal_status=status, allocator=allocator.clone()).run)
-                task_status.started(Handles(tree.clone(), wal.clone(), allocator.clone(), blocks,
-                                            status, recovered))
+                    wal_status=status, allocator=allocator.clone())
+                await nursery.start(tree_manager.run)
+                task_status.started(Handles(tree.clone(), tree_manager.queries, wal.clone(),
+                                            allocator.clone(), blocks, status, recovered))
                 await allocator.aclose()
                 async with tree, wal:
                     await self._serve(tree, wal)
@@ -266,16 +271,41 @@ class RecoveryCoordinator:
 
     async def _checkpoint(self, tree: Mailbox, wal: Mailbox) -> int:
         started = trio.current_time()
-        lsn, body = (await tree.ask(m.TakeSnapshot())).value
-        existing = [c for c, _ in await trio.to_thread.run_sync(list_checkpoints, self._storage)]
-        if existing and existing[-1] == lsn:
-            return lsn  # nothing changed since the newest checkpoint
+        capture, lsn = (await tree.ask(m.BeginSnapshot())).value
+        finished = False
+        try:
+            existing = [c for c, _ in
+                        await trio.to_thread.run_sync(list_checkpoints, self._storage)]
+            if existing and existing[-1] == lsn:
+                return lsn  # nothing changed since the newest checkpoint
+            # One chunk per ask: requests queued meanwhile are served between two chunks.
+            parts = []
+            while not finished:
+                finished, data = (await tree.ask(
+                    m.SnapshotChunk(capture, self._tuning.checkpoint_chunk))).value
+                parts.append(data)
+        finally:
+            if not finished:
+                await _abort_capture(tree, capture)
+        size = sum(map(len, parts))
         await wal.ask(m.WaitDurable(lsn))
-        await trio.to_thread.run_sync(write_checkpoint, self._storage, self._uuid, lsn, body)
+        # Joined in the worker thread too: copying a big body would hold up the trio thread.
+        await trio.to_thread.run_sync(
+            lambda: write_checkpoint(self._storage, self._uuid, lsn, b"".join(parts)))
         # Keep the log back to the previous checkpoint: the fallback if this one is damaged.
         await wal.ask(m.TrimLog(existing[-1] if existing else lsn))
         self.checkpoints_written += 1
         self.last_checkpoint_seconds = trio.current_time() - started
-        log.info("checkpoint", lsn=lsn, bytes=len(body),
+        log.info("checkpoint", lsn=lsn, bytes=size, chunks=len(parts),
                  seconds=round(self.last_checkpoint_seconds, 4))
         return lsn
+
+
+async def _abort_capture(tree: Mailbox, capture: int) -> None:
+    """Tell the tree manager to drop a capture this coordinator abandons (error, cancellation),
+    so that apply stops copying for it; best effort: the tree manager may be gone already."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        try:
+            await tree.tell(m.AbortSnapshot(capture))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

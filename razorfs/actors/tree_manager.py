@@ -44,6 +44,119 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, "invalid name")
 
 
+class TreeQueries:
+    """The tree manager's read-only face, called directly (synchronously) by the FUSE layer.
+
+    Trio runs every task of the daemon on one thread and switches tasks only at an ``await``.
+    None of these methods awaits, so each one runs atomically between two steps of the tree
+    manager and sees every transaction either wholly applied or not at all: the same answer an
+    ``ask`` would give, without its two task switches and two msgpack round trips (most FUSE
+    requests are lookups, getattrs, getxattrs and block maps; docs/DESIGN.md, "Direct
+    queries"). The one thing they change is the kernel's lookup count, bookkeeping that is never
+    logged and that the kernel keeps in step with its own requests. The same queries are
+    answered by message too (``Lookup``, ``GetAttr``, ...), for tools and tests.
+    """
+
+    def __init__(self, state: TreeState, last_lsn: Callable[[], int]) -> None:
+        self._state = state
+        self._last_lsn = last_lsn
+
+    def inode(self, ino: int) -> Inode:
+        inode = self._state.inodes.get(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"no inode {ino}")
+        return inode
+
+    def directory(self, ino: int) -> Inode:
+        inode = self.inode(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
+        return inode
+
+    def child(self, parent: Inode, name: bytes) -> Inode:
+        _check_name(name)
+        ino = parent.directory.names.get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT, f"no entry {name!r} in directory {parent.ino}")
+        return self._state.inodes[ino]
+
+    def lookup(self, parent_ino: int, name: bytes) -> m.Attr:
+        parent = self.directory(parent_ino)
+        if name == b".":
+            inode = parent
+        elif name == b"..":
+            inode = self.inode(parent.parent)
+        else:
+            inode = self.child(parent, name)
+        inode.lookups += 1
+        return inode.attr()
+
+    def getattr(self, ino: int) -> m.Attr:
+        return self.inode(ino).attr()
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.inode(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL, "not a symlink")
+        return inode.target
+
+    def readdir(self, ino: int, after: int, limit: int) -> tuple:
+        """Up to ``limit`` (name, cookie, attr) with a cookie greater than ``after``; each
+        counts as a kernel lookup (the caller forgets those the kernel did not take)."""
+        directory = self.directory(ino).directory
+        result = []
+        for cookie, name, child_ino in directory.after(after):
+            if len(result) >= limit:
+                break
+            child = self._state.inodes[child_ino]
+            child.lookups += 1
+            result.append((name, cookie, child.attr()))
+        return tuple(result)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        xattrs = self.inode(ino).xattrs or {}
+        check_xattr_name(name)
+        if name not in xattrs:
+            raise FsError(pyfuse3.ENOATTR, "no such attribute")
+        return xattrs[name]
+
+    def listxattr(self, ino: int) -> tuple:
+        return tuple(self.inode(ino).xattrs or ())
+
+    def map_blocks(self, ino: int, first: int, count: int) -> tuple[int, tuple]:
+        """The file's size and its mapped blocks in [first, first + count), as flat
+        (lblk, pblk, crc) triples in lblk order."""
+        inode = self.inode(ino)
+        if inode.blocks is None:
+            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
+        flat = []
+        blocks = inode.blocks
+        if count < len(blocks):
+            for lblk in range(first, first + count):
+                packed = blocks.get(lblk)
+                if packed is not None:
+                    flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
+        else:
+            end = first + count
+            for lblk in sorted(b for b in blocks if first <= b < end):
+                packed = blocks[lblk]
+                flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
+        return (inode.size, tuple(flat))
+
+    def sync_point(self) -> int:
+        """The LSN of the last transaction applied: what an fsync must wait for."""
+        return self._last_lsn()
+
+
+def check_xattr_name(name: bytes) -> None:
+    if len(name) > XATTR_NAME_MAX:
+        raise FsError(errno.ERANGE, "attribute name too long")
+    if not name.startswith(XATTR_NAMESPACES):
+        raise FsError(errno.EOPNOTSUPP, "unsupported attribute namespace")
+    if name in XATTR_NAMESPACES:
+        raise FsError(errno.EINVAL, "attribute name is only a namespace prefix")
+
+
 class TreeManager:
     def __init__(self, inbox: trio.MemoryReceiveChannel, state: TreeState, *, last_lsn: int,
                  wal: Mailbox, wal_status: WalStatus, allocator: Mailbox,
@@ -56,6 +169,7 @@ class TreeManager:
         self._allocator = allocator
         self._clock = clock
         self._failsafe: str | None = None
+        self.queries = TreeQueries(state, lambda: self._last_lsn)
         self._handlers = {
             m.Lookup: self._lookup,
             m.GetAttr: self._getattr,
@@ -76,6 +190,9 @@ class TreeManager:
             m.CommitWrite: self._commit_write,
             m.SyncPoint: self._sync_point,
             m.TakeSnapshot: self._take_snapshot,
+            m.BeginSnapshot: self._begin_snapshot,
+            m.SnapshotChunk: self._snapshot_chunk,
+            m.AbortSnapshot: self._abort_snapshot,
             m.TreeStats: self._stats,
             m.EnterFailsafe: self._enter_failsafe,
         }
@@ -97,16 +214,10 @@ class TreeManager:
     # ---- helpers ----
 
     def _inode(self, ino: int) -> Inode:
-        inode = self._state.inodes.get(ino)
-        if inode is None:
-            raise FsError(errno.ENOENT, f"no inode {ino}")
-        return inode
+        return self.queries.inode(ino)
 
     def _directory(self, ino: int) -> Inode:
-        inode = self._inode(ino)
-        if not inode.is_dir:
-            raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
-        return inode
+        return self.queries.directory(ino)
 
     def _live_directory(self, ino: int) -> Inode:
         inode = self._directory(ino)
@@ -115,11 +226,7 @@ class TreeManager:
         return inode
 
     def _child(self, parent: Inode, name: bytes) -> Inode:
-        _check_name(name)
-        ino = parent.directory.names.get(name)
-        if ino is None:
-            raise FsError(errno.ENOENT, f"no entry {name!r} in directory {parent.ino}")
-        return self._state.inodes[ino]
+        return self.queries.child(parent, name)
 
     async def _commit(self, ops: list) -> int:
         """Apply, log and return the LSN of one transaction."""
@@ -151,63 +258,25 @@ class TreeManager:
     # ---- read-only requests ----
 
     async def _lookup(self, msg: m.Lookup):
-        parent = self._directory(msg.parent)
-        if msg.name == b".":
-            inode = parent
-        elif msg.name == b"..":
-            inode = self._inode(parent.parent)
-        else:
-            inode = self._child(parent, msg.name)
-        inode.lookups += 1
-        return inode.attr()
+        return self.queries.lookup(msg.parent, msg.name)
 
     async def _getattr(self, msg: m.GetAttr):
-        return self._inode(msg.ino).attr()
+        return self.queries.getattr(msg.ino)
 
     async def _readlink(self, msg: m.ReadLink):
-        inode = self._inode(msg.ino)
-        if not stat.S_ISLNK(inode.mode):
-            raise FsError(errno.EINVAL, "not a symlink")
-        return inode.target
+        return self.queries.readlink(msg.ino)
 
     async def _readdir(self, msg: m.ReadDir):
-        directory = self._directory(msg.ino).directory
-        result = []
-        for cookie, name, ino in directory.after(msg.after):
-            if len(result) >= msg.limit:
-                break
-            child = self._state.inodes[ino]
-            child.lookups += 1
-            result.append((name, cookie, child.attr()))
-        return tuple(result)
+        return self.queries.readdir(msg.ino, msg.after, msg.limit)
 
     async def _getxattr(self, msg: m.GetXattr):
-        xattrs = self._inode(msg.ino).xattrs or {}
-        self._check_xattr_name(msg.name)
-        if msg.name not in xattrs:
-            raise FsError(pyfuse3.ENOATTR, "no such attribute")
-        return xattrs[msg.name]
+        return self.queries.getxattr(msg.ino, msg.name)
 
     async def _listxattr(self, msg: m.ListXattr):
-        return tuple(self._inode(msg.ino).xattrs or ())
+        return self.queries.listxattr(msg.ino)
 
     async def _map_blocks(self, msg: m.MapBlocks):
-        inode = self._inode(msg.ino)
-        if inode.blocks is None:
-            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
-        flat = []
-        blocks = inode.blocks
-        if msg.count < len(blocks):
-            for lblk in range(msg.first, msg.first + msg.count):
-                packed = blocks.get(lblk)
-                if packed is not None:
-                    flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
-        else:
-            end = msg.first + msg.count
-            for lblk in sorted(b for b in blocks if msg.first <= b < end):
-                packed = blocks[lblk]
-                flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
-        return (inode.size, tuple(flat))
+        return self.queries.map_blocks(msg.ino, msg.first, msg.count)
 
     async def _accessed(self, msg: m.Accessed):
         """relatime, as Linux mounts by default: atime moves on a read only when it is older
@@ -222,14 +291,42 @@ class TreeManager:
         return None
 
     async def _sync_point(self, msg: m.SyncPoint):
-        return self._last_lsn
+        return self.queries.sync_point()
 
     async def _take_snapshot(self, msg: m.TakeSnapshot):
+        """The whole tree in one reply (stalls every request meanwhile: checkpoints use
+        BeginSnapshot and SnapshotChunk)."""
+        self._refuse_checkpoint_in_failsafe()
+        return (self._last_lsn, self._state.to_snapshot())
+
+    def _refuse_checkpoint_in_failsafe(self) -> None:
         failsafe = self._failsafe or self._wal_status.failed
         if failsafe:
             # The state in memory may hold changes the log never got: never make it durable.
+            self._state.end_capture()
             raise FsError(errno.EROFS, f"no checkpoint in failsafe mode: {failsafe}")
-        return (self._last_lsn, self._state.to_snapshot())
+
+    async def _begin_snapshot(self, msg: m.BeginSnapshot):
+        """Capture the tree as of the last LSN, to be read by SnapshotChunk between other
+        requests (``TreeState.begin_capture``: copy-on-write in ``apply``)."""
+        self._refuse_checkpoint_in_failsafe()
+        if self._state.capture is not None:
+            log.warning("checkpoint capture replaced by a new one",
+                        abandoned_lsn=self._state.capture.lsn)
+        capture = self._state.begin_capture(self._last_lsn)
+        return (capture.ident, capture.lsn)
+
+    async def _snapshot_chunk(self, msg: m.SnapshotChunk):
+        capture = self._state.capture
+        if capture is None or capture.ident != msg.capture:
+            raise FsError(errno.ESTALE, f"checkpoint capture {msg.capture} is not running")
+        self._refuse_checkpoint_in_failsafe()
+        return capture.next_chunk(msg.budget)
+
+    async def _abort_snapshot(self, msg: m.AbortSnapshot):
+        capture = self._state.capture
+        if capture is not None and capture.ident == msg.capture:
+            self._state.end_capture()
 
     async def _stats(self, msg: m.TreeStats):
         return (len(self._state.inodes), self._last_lsn,
@@ -443,10 +540,14 @@ class TreeManager:
 
     async def _setxattr(self, msg: m.SetXattr):
         inode = self._inode(msg.ino)
-        self._check_xattr_name(msg.name)
+        check_xattr_name(msg.name)
         if len(msg.value) > XATTR_VALUE_MAX:
             raise FsError(errno.E2BIG, "attribute value too large")
         xattrs = inode.xattrs or {}
+        if xattrs.get(msg.name) == msg.value:
+            # As ext4: storing the value an attribute already has changes nothing, not even
+            # ctime (but still fails on a read-only filesystem).
+            return m.Ok(None, await self._commit([]))
         total = sum(len(k) + len(v) for k, v in xattrs.items() if k != msg.name)
         if total + len(msg.name) + len(msg.value) > XATTR_TOTAL_MAX:
             raise FsError(errno.ENOSPC, "no space left for extended attributes")
@@ -456,20 +557,11 @@ class TreeManager:
 
     async def _removexattr(self, msg: m.RemoveXattr):
         inode = self._inode(msg.ino)
-        self._check_xattr_name(msg.name)
+        check_xattr_name(msg.name)
         if msg.name not in (inode.xattrs or {}):
             raise FsError(pyfuse3.ENOATTR, "no such attribute")
         ops = [m.DropXattr(inode.ino, msg.name), inode.put_op(ctime_ns=self._clock())]
         return m.Ok(None, await self._commit(ops))
-
-    @staticmethod
-    def _check_xattr_name(name: bytes) -> None:
-        if len(name) > XATTR_NAME_MAX:
-            raise FsError(errno.ERANGE, "attribute name too long")
-        if not name.startswith(XATTR_NAMESPACES):
-            raise FsError(errno.EOPNOTSUPP, "unsupported attribute namespace")
-        if name in XATTR_NAMESPACES:
-            raise FsError(errno.EINVAL, "attribute name is only a namespace prefix")
 
     async def _commit_write(self, msg: m.CommitWrite):
         inode = self._inode(msg.ino)

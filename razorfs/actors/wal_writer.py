@@ -22,6 +22,7 @@ import trio
 
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Envelope, Mailbox, handle_envelope, reply
+from razorfs.log import debug_enabled
 from razorfs.storage import formats
 from razorfs.storage.blockstore import BlockStore
 from razorfs.storage.interface import Storage, StorageFile
@@ -163,8 +164,9 @@ class WalWriter:
                 self._stats["records"] += len(batch)
                 self._stats["fsyncs"] += fsyncs
                 self._stats["bytes_since_trim"] += len(data)
-                log.debug("group commit", records=len(batch), bytes=len(data),
-                          durable_lsn=self._durable_lsn, fsyncs=fsyncs)
+                if debug_enabled():
+                    log.debug("group commit", records=len(batch), bytes=len(data),
+                              durable_lsn=self._durable_lsn, fsyncs=fsyncs)
                 await self._allocator.tell(m.DurableUpTo(self._durable_lsn))
         self._answer_waiters()
 

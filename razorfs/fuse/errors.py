@@ -18,7 +18,7 @@ import pyfuse3
 import structlog
 
 from razorfs.errors import FsError
-from razorfs.log import current_request
+from razorfs.log import current_request, debug_enabled
 
 log = structlog.get_logger("razorfs.fuse")
 
@@ -59,7 +59,8 @@ def fuse_edge(handler):
         finally:
             seconds = time.perf_counter() - started
             self.metrics.record(op, seconds, failed)
-            log.debug("request", seconds=round(seconds, 6), failed=failed)
+            if debug_enabled():
+                log.debug("request", seconds=round(seconds, 6), failed=failed)
             current_request.reset(context)
 
     return edge

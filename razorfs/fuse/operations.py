@@ -38,6 +38,7 @@ READDIR_BATCH = 256
 # than the pwrite itself. Larger ones (and every fsync and read) run in a worker thread.
 INLINE_WRITE_BYTES = 64 << 10
 ATTR_TIMEOUT = 1.0
+INLINE_READ_BLOCKS = (1 << 20) // BLOCK_SIZE
 
 
 class ChecksumMismatch(Exception):
@@ -96,6 +97,42 @@ class BlockLease:
 class OpenFile:
     ino: int
     flags: int
+    # Who opened it: pyfuse3's write() carries no request context, and a write by a user
+    # outside the file's group must drop a setgid bit (see drops_setgid).
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+
+
+def supplementary_groups(pid: int) -> set[int]:
+    """The caller's supplementary groups, from procfs (memory, not disk: no thread needed).
+    A caller that is gone counts as in no group, so a setgid bit is dropped rather than kept."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        return set()
+    return set()
+
+
+def setid_bits_dropped(mode: int, file_gid: int, uid: int, gid: int, pid: int) -> int:
+    """The set-id bits a write or truncate by this caller clears, as Linux decides it
+    (setattr_should_drop_suidgid): S_ISUID always, S_ISGID if the group may execute or the
+    caller is outside the file's group; nothing for root (CAP_FSETID).
+
+    The kernel's FUSE client sends the first two itself as a setattr, but not the setgid bit
+    without group execute, and nothing at all for open(O_TRUNC), which it leaves to OPEN
+    (atomic_o_trunc): those are ours. Applying the whole rule is harmless where the kernel's
+    setattr came first."""
+    if uid == 0 or not stat.S_ISREG(mode):
+        return 0
+    dropped = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or (
+            gid != file_gid and file_gid not in supplementary_groups(pid))):
+        dropped |= stat.S_ISGID
+    return dropped
 
 
 def entry_attributes(attr: tuple) -> pyfuse3.EntryAttributes:
@@ -110,10 +147,11 @@ def entry_attributes(attr: tuple) -> pyfuse3.EntryAttributes:
     return entry
 
 
-def read_blocks(blocks, first: int, count: int, triples: tuple) -> bytearray:
+def read_blocks(read_run, first: int, count: int, triples: tuple) -> bytes | bytearray | None:
     """Blocks ``first``..``first+count-1`` of a file: mapped ones read and verified, holes zero.
-    Runs of consecutive physical blocks are read with one pread."""
-    buffer = bytearray(count * BLOCK_SIZE)
+    Runs of consecutive physical blocks are read with one ``read_run(pblk, count)`` call; if
+    that returns None (not cached), so does this."""
+    runs = []
     i = 0
     while i < len(triples):
         run_start = i
@@ -123,11 +161,18 @@ def read_blocks(blocks, first: int, count: int, triples: tuple) -> bytearray:
         i += 3
         first_lblk, first_pblk = triples[run_start], triples[run_start + 1]
         length = (i - run_start) // 3
-        data = blocks.read_run(first_pblk, length)
+        data = read_run(first_pblk, length)
+        if data is None:
+            return None
+        view = memoryview(data)
         for k in range(length):
-            chunk = data[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
-            if crc(chunk) != triples[run_start + 3 * k + 2]:
+            if crc(view[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]) != triples[run_start + 3 * k + 2]:
                 raise ChecksumMismatch(first_lblk + k, first_pblk + k)
+        runs.append((first_lblk, data))
+    if len(runs) == 1 and runs[0][0] == first and len(runs[0][1]) == count * BLOCK_SIZE:
+        return runs[0][1]  # one run covering the whole range: no copy
+    buffer = bytearray(count * BLOCK_SIZE)
+    for first_lblk, data in runs:
         offset = (first_lblk - first) * BLOCK_SIZE
         buffer[offset : offset + len(data)] = data
     return buffer
@@ -141,6 +186,7 @@ class Operations(pyfuse3.Operations):
                  reraise_unexpected: bool = False) -> None:
         super().__init__()
         self._tree = handles.tree
+        self._queries = handles.queries
         self._wal = handles.wal
         self._allocator = handles.allocator
         self._lease = BlockLease(handles.allocator)
@@ -179,8 +225,7 @@ class Operations(pyfuse3.Operations):
         return entry_attributes((await self._change(message)).value)
 
     async def _sync_all(self) -> None:
-        lsn = (await self._tree.ask(m.SyncPoint())).value
-        await self._wal.ask(m.WaitDurable(lsn))
+        await self._wal.ask(m.WaitDurable(self._queries.sync_point()))
 
     @asynccontextmanager
     async def _exclusive(self, ino: int):
@@ -188,18 +233,26 @@ class Operations(pyfuse3.Operations):
         if entry is None:
             entry = self._inode_locks[ino] = [trio.Lock(), 0]
         entry[1] += 1
+        lock = entry[0]
         try:
-            async with entry[0]:
+            try:
+                lock.acquire_nowait()  # uncontended: no trip through the scheduler
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._inode_locks[ino]
 
-    def _new_fh(self, ino: int, flags: int) -> int:
+    def _new_fh(self, ino: int, flags: int, ctx=None) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._open_files[fh] = OpenFile(ino, flags)
+        self._open_files[fh] = (OpenFile(ino, flags) if ctx is None
+                                else OpenFile(ino, flags, ctx.uid, ctx.gid, ctx.pid))
         return fh
 
     def _open_file(self, fh: int) -> OpenFile:
@@ -208,15 +261,23 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise FsError(errno.EBADF, f"unknown file handle {fh}") from None
 
-    async def _read_range(self, ino: int, first: int, count: int) -> tuple[int, bytearray]:
+    async def _read_range(self, ino: int, first: int,
+                          count: int) -> tuple[int, bytes | bytearray]:
         """(file size, bytes of blocks first..first+count-1), verified against checksums."""
         for attempt in (1, 2):
-            size, triples = (await self._tree.ask(m.MapBlocks(ino, first, count))).value
+            size, triples = self._queries.map_blocks(ino, first, count)
             if not triples:
                 return size, bytearray(count * BLOCK_SIZE)
             try:
-                return size, await trio.to_thread.run_sync(read_blocks, self._blocks, first,
-                                                           count, triples)
+                # Cached blocks are read right here (RWF_NOWAIT: no waiting for the disk), the
+                # rest from a worker thread.
+                data = None
+                if count <= INLINE_READ_BLOCKS:
+                    data = read_blocks(self._blocks.read_run_if_cached, first, count, triples)
+                if data is None:
+                    data = await trio.to_thread.run_sync(read_blocks, self._blocks.read_run,
+                                                         first, count, triples)
+                return size, data
             except ChecksumMismatch as exc:
                 # A concurrent write may have replaced and freed the block after we mapped it:
                 # map again once before calling it corruption.
@@ -260,7 +321,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def lookup(self, parent_inode, name, ctx=None):
-        return entry_attributes((await self._tree.ask(m.Lookup(parent_inode, name))).value)
+        return entry_attributes(self._queries.lookup(parent_inode, name))
 
     @fuse_edge
     async def forget(self, inode_list, *unused):
@@ -269,7 +330,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def getattr(self, inode, ctx=None):
-        return entry_attributes((await self._tree.ask(m.GetAttr(inode))).value)
+        return entry_attributes(self._queries.getattr(inode))
 
     @fuse_edge
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -283,6 +344,11 @@ class Operations(pyfuse3.Operations):
         )
         if not fields.update_size:
             return entry_attributes((await self._change(message)).value)
+        if message.mode is None:
+            current = self._queries.getattr(inode)
+            dropped = setid_bits_dropped(current.mode, current.gid, ctx.uid, ctx.gid, ctx.pid)
+            if dropped:
+                message = dataclasses.replace(message, mode=current.mode & ~dropped)
         return entry_attributes(await self._truncate(dataclasses.replace(message,
                                                                          size=attr.st_size)))
 
@@ -297,10 +363,10 @@ class Operations(pyfuse3.Operations):
                 # Zero the bytes past the new end inside the last block, copy-on-write, so that
                 # growing the file later never brings old bytes back.
                 tail_lblk = size // BLOCK_SIZE
-                current_size, triples = (await self._tree.ask(
-                    m.MapBlocks(inode, tail_lblk, 1))).value
+                current_size, triples = self._queries.map_blocks(inode, tail_lblk, 1)
                 if triples and size < current_size:
-                    _, block = await self._read_range(inode, tail_lblk, 1)
+                    _, data = await self._read_range(inode, tail_lblk, 1)
+                    block = bytearray(data)
                     block[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
                     extents, tail = await self._write_blocks(tail_lblk, block)
             try:
@@ -314,7 +380,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def readlink(self, inode, ctx):
-        return (await self._tree.ask(m.ReadLink(inode))).value
+        return self._queries.readlink(inode)
 
     @fuse_edge
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -370,7 +436,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def getxattr(self, inode, name, ctx):
-        return (await self._tree.ask(m.GetXattr(inode, name))).value
+        return self._queries.getxattr(inode, name)
 
     @fuse_edge
     async def setxattr(self, inode, name, value, ctx):
@@ -378,7 +444,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def listxattr(self, inode, ctx):
-        return list((await self._tree.ask(m.ListXattr(inode))).value)
+        return list(self._queries.listxattr(inode))
 
     @fuse_edge
     async def removexattr(self, inode, name, ctx):
@@ -387,25 +453,27 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def access(self, inode, mode, ctx):
         # default_permissions is always on: the kernel checks permissions itself.
-        await self._tree.ask(m.GetAttr(inode))
+        self._queries.getattr(inode)
         return True
 
     # ---- files ----
 
     @fuse_edge
     async def open(self, inode, flags, ctx):
-        await self._tree.ask(m.GetAttr(inode))
+        attr = self._queries.getattr(inode)
         if flags & os.O_TRUNC:
             # libfuse negotiates atomic_o_trunc: the kernel sends O_TRUNC here, not a setattr
             # (and Linux truncates on O_RDONLY|O_TRUNC too; permission was checked already).
-            await self._truncate(m.SetAttr(inode, size=0))
-        return pyfuse3.FileInfo(fh=self._new_fh(inode, flags), keep_cache=True)
+            dropped = setid_bits_dropped(attr.mode, attr.gid, ctx.uid, ctx.gid, ctx.pid)
+            await self._truncate(m.SetAttr(inode, size=0,
+                                           mode=attr.mode & ~dropped if dropped else None))
+        return pyfuse3.FileInfo(fh=self._new_fh(inode, flags, ctx), keep_cache=True)
 
     @fuse_edge
     async def create(self, parent_inode, name, mode, flags, ctx):
         entry = await self._make(m.MakeNode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode),
                                             0, ctx.uid, ctx.gid))
-        return pyfuse3.FileInfo(fh=self._new_fh(entry.st_ino, flags)), entry
+        return pyfuse3.FileInfo(fh=self._new_fh(entry.st_ino, flags, ctx)), entry
 
     @fuse_edge
     async def read(self, fh, off, size):
@@ -422,14 +490,21 @@ class Operations(pyfuse3.Operations):
         self.metrics.bytes_read += end - off
         if self._update_atime:
             await self._tree.tell(m.Accessed(ino))
-        return bytes(data[start : start + end - off])
+        if isinstance(data, bytes):
+            return data[start : start + end - off]  # the whole buffer: no copy
+        return bytes(memoryview(data)[start : start + end - off])
 
     @fuse_edge
     async def write(self, fh, off, buf):
-        ino = self._open_file(fh).ino
+        opened = self._open_file(fh)
+        ino = opened.ino
         if not buf:
             return 0
         self._refuse_if_failsafe()
+        attr = self._queries.getattr(ino)
+        dropped = setid_bits_dropped(attr.mode, attr.gid, opened.uid, opened.gid, opened.pid)
+        if dropped:
+            await self._change(m.SetAttr(ino, mode=attr.mode & ~dropped))
         first = off // BLOCK_SIZE
         last = (off + len(buf) - 1) // BLOCK_SIZE
         start = off - first * BLOCK_SIZE
@@ -481,9 +556,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def opendir(self, inode, ctx):
-        attr = (await self._tree.ask(m.GetAttr(inode))).value
-        if not stat.S_ISDIR(attr[1]):
-            raise FsError(errno.ENOTDIR)
+        self._queries.directory(inode)
         return self._new_fh(inode, os.O_RDONLY)
 
     @fuse_edge
@@ -491,7 +564,7 @@ class Operations(pyfuse3.Operations):
         ino = self._open_file(fh).ino
         after = start_id
         while True:
-            entries = (await self._tree.ask(m.ReadDir(ino, after, READDIR_BATCH))).value
+            entries = self._queries.readdir(ino, after, READDIR_BATCH)
             for index, (name, cookie, attr) in enumerate(entries):
                 if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie):
                     # Each returned entry counted as a lookup; the kernel took none of these.

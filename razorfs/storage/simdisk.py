@@ -121,6 +121,10 @@ class SimFile(StorageFile):
         self._disk.counters.add(read=len(data))
         return data
 
+    def pread_if_cached(self, offset: int, length: int) -> bytes | None:
+        data = self.pread(offset, length)  # memory: always "cached"
+        return data if len(data) == length else None
+
     def pwrite(self, offset: int, data: bytes) -> None:
         data = bytes(data)  # the caller may reuse its buffer; pending ops must not change
         with self._disk._lock:

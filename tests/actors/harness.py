@@ -148,7 +148,7 @@ class Fs:
             return b""
         first, count = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE) - offset // BLOCK_SIZE
         _, triples = (await self.call(m.MapBlocks(ino, first, count))).value
-        data = read_blocks(self.blocks, first, count, triples)
+        data = read_blocks(self.blocks.read_run, first, count, triples)
         start = offset - first * BLOCK_SIZE
         return bytes(data[start : start + end - offset])
 
@@ -164,7 +164,7 @@ class Fs:
         first, last = offset // BLOCK_SIZE, (offset + len(data) - 1) // BLOCK_SIZE
         count = last - first + 1
         _, triples = (await self.call(m.MapBlocks(ino, first, count))).value
-        buffer = read_blocks(self.blocks, first, count, triples)
+        buffer = bytearray(read_blocks(self.blocks.read_run, first, count, triples))
         start = offset - first * BLOCK_SIZE
         buffer[start : start + len(data)] = data
         extents, triples = await self._write_blocks(first, buffer)
@@ -181,7 +181,7 @@ class Fs:
             lblk = size // BLOCK_SIZE
             current, triples = (await self.call(m.MapBlocks(ino, lblk, 1))).value
             if triples and size < current:
-                block = read_blocks(self.blocks, lblk, 1, triples)
+                block = bytearray(read_blocks(self.blocks.read_run, lblk, 1, triples))
                 block[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
                 extents, tail = await self._write_blocks(lblk, block)
         try:

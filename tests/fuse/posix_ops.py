@@ -11,8 +11,10 @@ unlinks and renames until a ``close`` op or a reopen of the slot.
 
 ``run(side, op)`` returns a comparable outcome: ``("ok", value)`` or ``("err", "ENOENT")``.
 Only what must agree between two POSIX filesystems is compared: no inode numbers, no
-timestamps (except right after an explicit utime), no directory st_size (ext4 reports blocks),
-no st_blocks, no st_dev.
+timestamp values (except right after an explicit utime), no directory st_size (ext4 reports
+blocks), no st_blocks, no st_dev. Which timestamps an op changes is compared though:
+``Stamps`` holds the inodes an op touches (its paths, what a symlink among them leads to, their
+parent directories, its descriptors) and says afterwards which of mtime and ctime moved.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import os
 import random
 import stat
+import time
 
 BS = 4096
 NAMES = ("a", "b", "c", "d", "e f\n\udcff")  # and a name that is not UTF-8
@@ -259,9 +262,97 @@ def touched(op: dict) -> tuple[list[str], list[int]]:
 def post_state(side: Side, op: dict) -> tuple:
     """lstat of the op's paths and fstat of its slot, after the op."""
     paths, slots = touched(op)
-    return (tuple(outcome(lambda: attrs(os.lstat(side.p(p)))) for p in paths)
-            + tuple(outcome(lambda: attrs(os.fstat(side.fds[s]))) for s in slots
+    return (tuple(outcome(lambda p=p: attrs(os.lstat(side.p(p)))) for p in paths)
+            + tuple(outcome(lambda s=s: attrs(os.fstat(side.fds[s]))) for s in slots
                     if side.fds[s] is not None))
+
+
+CLOCK_REALTIME_COARSE = 5  # linux/time.h: the clock tick filesystems stamp times with
+
+
+def stamps(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_mtime_ns, st.st_ctime_ns
+
+
+def fine_grained_ctime(directory) -> bool:
+    """True if a change right after a stat always gets a later ctime in ``directory``
+    (Linux >= 6.13 multigrain timestamps: ext4, xfs, btrfs, tmpfs), so that a change is seen
+    without waiting for the coarse clock to tick between two ops."""
+    path = os.path.join(directory, ".clock-probe")
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    try:
+        for mode in (0o600, 0o644) * 20:
+            ctime = os.fstat(fd).st_ctime_ns
+            os.fchmod(fd, mode)
+            if os.fstat(fd).st_ctime_ns == ctime:
+                return False
+        return True
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+class Stamps:
+    """Which of mtime and ctime an op changed, of each inode it touched: its paths (the entries
+    themselves, and what they lead to if they are symlinks), their parent directories and the
+    files in its slots (``touched``). Built right before the op, holding the inodes behind its
+    paths with O_PATH so that they are still seen after a rename or an unlink; ``changes()``
+    right after it: ((role, "m", "c", "mc" or ""), ...), a role being the op's key ("path",
+    "path2 parent", "where target", "slot2", ...). ``wait``: let the coarse clock tick past
+    every ctime seen first (for kernels without fine-grained ctimes)."""
+
+    def __init__(self, side: Side, op: dict, wait: bool = False) -> None:
+        self.held: dict[str, int] = {}
+        self.slots: dict[str, int] = {}
+        try:
+            for key in ("path", "path2", "where"):
+                rel = op.get(key)
+                if not isinstance(rel, str):
+                    continue
+                self._hold(key, side.p(rel), os.O_NOFOLLOW)
+                if key in self.held and stat.S_ISLNK(os.fstat(self.held[key]).st_mode):
+                    self._hold(key + " target", side.p(rel), 0)
+                if rel:
+                    self._hold(key + " parent", side.p(os.path.dirname(rel)), 0)
+            if op["kind"] not in ("open", "close"):  # those replace or drop the slot's file
+                for key in ("slot", "slot2", "where"):
+                    slot = op.get(key)
+                    if isinstance(slot, int) and side.fds[slot] is not None:
+                        self.slots[key] = side.fds[slot]
+            self.before = {role: stamps(fd) for role, fd in self.fds()}
+        except BaseException:
+            self.close()
+            raise
+        if wait and self.before:
+            ctime = max(ctime for _, ctime in self.before.values())
+            while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= ctime:
+                time.sleep(0.0002)
+
+    def _hold(self, role: str, path: str, flags: int) -> None:
+        try:
+            self.held[role] = os.open(path, os.O_PATH | flags)
+        except OSError:
+            pass  # nothing there (yet): nothing to compare
+
+    def fds(self):
+        return [*self.held.items(), *self.slots.items()]
+
+    def close(self) -> None:
+        held, self.held = self.held, {}
+        for fd in held.values():
+            os.close(fd)
+
+    def changes(self) -> tuple:
+        try:
+            result = []
+            for role, fd in self.fds():
+                (mtime, ctime), (old_mtime, old_ctime) = stamps(fd), self.before[role]
+                result.append((role, ("m" if mtime != old_mtime else "")
+                               + ("c" if ctime != old_ctime else "")))
+            return tuple(result)
+        finally:
+            self.close()
 
 
 # ---- the generator ----

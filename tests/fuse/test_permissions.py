@@ -229,16 +229,11 @@ def test_chown_by_root_clears_setid(places):
 # --- writes by others drop set-id bits ----------------------------------------------------------
 
 
-SGID_NO_GROUP_X_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: a setgid file without group execute (e.g. 0o2767) keeps S_ISGID on razorfs when a "
-    "user outside the file's group writes/truncates it; ext4 (Linux >= 6.x, "
-    "setattr_should_drop_sgid) drops it. razorfs leaves set-id killing to the kernel FUSE "
-    "client, which only kills S_ISGID together with S_IXGRP (no handle_killpriv(_v2) support)"))
-
 SETID_MODES = pytest.mark.parametrize("mode, after", [
     (0o4777, 0o0777), (0o6777, 0o0777), (0o2777, 0o0777),
-    # no group x: dropped too, since the writer is not in the file's group
-    pytest.param(0o2767, 0o0767, marks=SGID_NO_GROUP_X_BUG),
+    # no group x: dropped too, since the writer is not in the file's group (Linux >= 6.x,
+    # setattr_should_drop_sgid). The kernel's FUSE client leaves this case to razorfs.
+    (0o2767, 0o0767),
 ], ids=["setuid", "setuid+setgid", "setgid", "setgid-without-group-x"])
 
 
@@ -337,3 +332,40 @@ def test_access_w_ok_errno(places):
         return run_as(ALICE, ALICE, base, faccess)
 
     compare(places, scenario, "EACCES")
+
+
+@SETID_MODES
+def test_open_truncate_by_non_owner_clears_setid(places, mode, after):
+    """open(O_TRUNC) reaches razorfs as OPEN (atomic_o_trunc), with no setattr from the kernel:
+    clearing the set-id bits there is razorfs's job."""
+    def scenario(base: Path):
+        make_file(base / "f", ALICE, ALICE, mode)
+
+        def reopen():
+            os.close(os.open("f", os.O_WRONLY | os.O_TRUNC))
+            return ids_and_mode("f"), os.stat("f").st_size
+
+        return run_as(BOB, BOB, base, reopen)
+
+    compare(places, scenario, ("ok", ((ALICE, ALICE, after), 0)))
+
+
+def test_setgid_without_group_x_kept_for_group_members(places):
+    """A writer in the file's group by a supplementary group keeps a setgid bit without group
+    execute (it marks mandatory locking, not privilege); one by its own gid too."""
+    def scenario(base: Path):
+        make_file(base / "f", ALICE, GROUP, 0o2767)
+        make_file(base / "g", ALICE, GROUP, 0o2767)
+
+        def append(name):
+            def op():
+                with open(name, "ab") as stream:
+                    stream.write(b"more")
+                return ids_and_mode(name)
+            return op
+
+        return {"supplementary": run_as(BOB, BOB, base, append("f"), groups=(GROUP,)),
+                "primary": run_as(BOB, GROUP, base, append("g"))}
+
+    compare(places, scenario, {"supplementary": ("ok", (ALICE, GROUP, 0o2767)),
+                               "primary": ("ok", (ALICE, GROUP, 0o2767))})

@@ -1,0 +1,227 @@
+"""How long a checkpoint holds up the tree manager (issue 5: at most 100 ms, up to 1M inodes).
+
+    .venv/bin/python bench/checkpoint_stall.py                       # 100k inodes, both modes
+    .venv/bin/python bench/checkpoint_stall.py --inodes 1000000 --layout flat --mode chunked
+    .venv/bin/python bench/checkpoint_stall.py --writes              # probes also change inodes
+
+A tree of --inodes inodes is built in memory (--layout tree: directories of 100 files, each file
+one to four blocks and some with an xattr; flat: every file in the root directory) and written
+as the checkpoint of a fresh data directory (real files under --workdir), which the real actors
+then recover. A probe task asks the tree manager one request at a time (GetAttr of a random
+inode; with --writes, of every four one is a SetXattr of a random inode and two create and
+remove a file in the root directory, which makes the capture keep prior states)
+and records each round trip. Per checkpoint (--runs of them, each after one change so that it is
+not skipped) the table shows the probe's median and longest round trip while the checkpoint ran,
+against the same without a checkpoint: the longest one is the stall.
+
+Modes: ``chunked`` is the incremental checkpoint (BeginSnapshot, then SnapshotChunk asks of
+--chunk records); ``whole`` is the previous one, the whole tree in a single TakeSnapshot ask.
+Run against the code before issue 5 with its sources on PYTHONPATH (``git archive HEAD razorfs
+| tar -x -C DIR``, then PYTHONPATH=DIR), which only has ``whole``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import random
+import shutil
+import stat
+import statistics
+import sys
+import tempfile
+import time
+
+import structlog
+import trio
+
+from razorfs.actors import messages as m
+from razorfs.actors import tree_manager
+from razorfs.actors.mailbox import open_mailbox
+from razorfs.actors.recovery import (
+    RecoveryCoordinator,
+    Tuning,
+    list_checkpoints,
+    write_checkpoint,
+)
+from razorfs.datadir import format_storage
+from razorfs.storage.files import FileStorage
+from razorfs.tree import ROOT_INO, TreeState
+
+T0 = 1_700_000_000_000_000_000
+HAS_CHUNKS = hasattr(m, "SnapshotChunk")
+
+
+def build(inodes: int, layout: str) -> TreeState:
+    state = TreeState.fresh(uid=0, gid=0, now_ns=T0)
+    rng = random.Random(1)
+    parent, ino, pblk = ROOT_INO, ROOT_INO + 1, 0
+    while ino <= inodes:
+        if layout == "tree" and (ino - 2) % 101 == 0:
+            state.apply(m.PutInode(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, T0, T0, T0))
+            state.apply(m.PutEntry(ROOT_INO, b"dir-%d" % ino, ino))
+            parent = ino
+        else:
+            count = rng.randint(1, 4)
+            state.apply(m.PutInode(ino, stat.S_IFREG | 0o644, 1, 0, 0, 0, count * 4096, T0,
+                                   T0, T0))
+            state.apply(m.PutEntry(parent, b"file-%010d" % ino, ino))
+            state.apply(m.PutBlocks(ino, tuple(v for lblk in range(count)
+                                               for v in (lblk, pblk + lblk, 0x12345678))))
+            pblk += count
+            if ino % 7 == 0:
+                state.apply(m.PutXattr(ino, b"user.tag", b"value %d" % ino))
+        ino += 1
+    return state
+
+
+async def _old_checkpoint(self, tree, wal) -> int:
+    """The checkpoint as it was before issue 5: one TakeSnapshot ask for the whole tree."""
+    lsn, body = (await tree.ask(m.TakeSnapshot())).value
+    existing = [c for c, _ in await trio.to_thread.run_sync(list_checkpoints, self._storage)]
+    if existing and existing[-1] == lsn:
+        return lsn
+    await wal.ask(m.WaitDurable(lsn))
+    await trio.to_thread.run_sync(write_checkpoint, self._storage, self._uuid, lsn, body)
+    await wal.ask(m.TrimLog(existing[-1] if existing else lsn))
+    return lsn
+
+
+class StepTimer:
+    """Wraps the tree manager's handle_envelope: how long each message kept it busy, in
+    wall-clock and in CPU time of the trio thread (the latter not inflated when other
+    processes take the CPU away, as they do on a shared machine)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, float, str]] = []
+        self._inner = tree_manager.handle_envelope
+
+    async def __call__(self, envelope, handler, actor):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        await self._inner(envelope, handler, actor)
+        self.steps.append((time.perf_counter() - wall, time.thread_time() - cpu,
+                           type(m.decode(envelope.payload)).__name__))
+
+    def longest(self) -> str:
+        if not self.steps:
+            return "no steps"
+        wall = max(self.steps)
+        cpu = max(self.steps, key=lambda step: step[1])
+        return (f"longest tree manager step {wall[0] * 1e3:.1f} ms wall ({wall[2]}), "
+                f"{cpu[1] * 1e3:.1f} ms CPU ({cpu[2]})")
+
+
+async def probe_while(tree, numbers, rng, writes: bool, running) -> list[float]:
+    """Round trips (seconds) of requests asked one at a time while ``running()``."""
+    latencies = []
+    tick = 0
+    while running():
+        ino = rng.choice(numbers)
+        tick += 1
+        request = m.GetAttr(ino)
+        if writes and tick % 4 == 1:
+            request = m.SetXattr(ino, b"user.probe", b"%d" % tick)
+        elif writes and tick % 4 == 2:
+            request = m.MakeNode(ROOT_INO, b"probe-%d" % tick, stat.S_IFREG | 0o644, 0, 0, 0)
+        elif writes and tick % 4 == 3:
+            request = m.Remove(ROOT_INO, b"probe-%d" % (tick - 1), False)
+        started = time.perf_counter()
+        await tree.ask(request)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def summary(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return (f"{len(ordered):6d} probes  median {statistics.median(ordered) * 1e3:7.2f} ms  "
+            f"p99 {p99 * 1e3:7.2f} ms  max {ordered[-1] * 1e3:7.2f} ms")
+
+
+async def measure(storage, args, mode: str) -> None:
+    tuning = {"commit_interval": 1.0, "checkpoint_bytes": 1 << 62, "checkpoint_poll": 1e6}
+    if HAS_CHUNKS:
+        tuning["checkpoint_chunk"] = args.chunk
+    coordinator, inbox = open_mailbox()
+    rng = random.Random(2)
+    timer = tree_manager.handle_envelope = StepTimer()
+    async with trio.open_nursery() as nursery:
+        handles = await nursery.start(RecoveryCoordinator(inbox, storage, Tuning(**tuning)).run)
+        tree = handles.tree
+        numbers = sorted(handles.recovered.state.inodes)
+        try:
+            deadline = trio.current_time() + 1.0
+            idle = await probe_while(tree, numbers, rng, args.writes,
+                                     lambda: trio.current_time() < deadline)
+            print(f"  no checkpoint      {summary(idle)}")
+            print(f"{'':21s}{timer.longest()}")
+            for run in range(args.runs):
+                await tree.ask(m.SetXattr(ROOT_INO, b"user.run", b"%d" % run))
+                done = trio.Event()
+                took = []
+
+                async def checkpoint(done=done, took=took):
+                    started = time.perf_counter()
+                    await coordinator.ask(m.Checkpoint())
+                    took.append(time.perf_counter() - started)
+                    done.set()
+
+                timer.steps.clear()
+                nursery.start_soon(checkpoint)
+                during = await probe_while(tree, numbers, rng, args.writes,
+                                           lambda done=done: not done.is_set())
+                print(f"  checkpoint {run + 1} {took[0]:5.2f} s {summary(during)}")
+                print(f"{'':21s}{timer.longest()}")
+        finally:
+            for mailbox in (tree, handles.wal, handles.allocator, coordinator):
+                await mailbox.aclose()
+    tree_manager.handle_envelope = timer._inner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--inodes", type=int, default=100_000)
+    parser.add_argument("--layout", choices=["tree", "flat"], default="tree")
+    parser.add_argument("--mode", choices=["chunked", "whole", "both"],
+                        default="both" if HAS_CHUNKS else "whole")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=Tuning().checkpoint_chunk if HAS_CHUNKS
+                        else 0, help="records per SnapshotChunk ask")
+    parser.add_argument("--writes", action="store_true",
+                        help="probes also change inodes and the root directory")
+    parser.add_argument("--workdir", default=tempfile.gettempdir())
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.mode != "whole" and not HAS_CHUNKS:
+        parser.error("this razorfs has no incremental checkpoints: --mode whole only")
+
+    started = time.perf_counter()
+    state = build(args.inodes, args.layout)
+    workdir = tempfile.mkdtemp(prefix="razorfs-ckpt-stall-", dir=args.workdir)
+    try:
+        storage = FileStorage(workdir)
+        superblock = format_storage(storage)
+        write_checkpoint(storage, superblock.uuid, 0, state.to_snapshot())
+        del state
+        gc.collect()
+        print(f"{args.inodes} inodes ({args.layout}), built in "
+              f"{time.perf_counter() - started:.1f} s; probes: "
+              f"{'GetAttr/SetXattr/create/unlink' if args.writes else 'GetAttr'}; python {sys.version.split()[0]}, "
+              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+        for mode in (["whole", "chunked"] if args.mode == "both" else [args.mode]):
+            print(f"mode {mode}" + (f" (chunk {args.chunk} records)" if mode == "chunked" else ""))
+            if mode == "whole" and HAS_CHUNKS:
+                RecoveryCoordinator._checkpoint = _old_checkpoint
+            elif mode == "chunked":
+                RecoveryCoordinator._checkpoint = _NEW_CHECKPOINT
+            trio.run(measure, storage, args, mode)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+_NEW_CHECKPOINT = RecoveryCoordinator._checkpoint
+
+if __name__ == "__main__":
+    main()
