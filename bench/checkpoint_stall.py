@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import logging
 import os
 import random
@@ -113,13 +114,15 @@ class StepTimer:
                 f"{cpu[1] * 1e3:.1f} ms CPU ({cpu[2]})")
 
 
+_TICKS = itertools.count(4)
+
+
 async def probe_while(tree, numbers, rng, writes: bool, running) -> list[float]:
     """Round trips (seconds) of requests asked one at a time while ``running()``."""
     latencies = []
-    tick = 0
     while running():
         ino = rng.choice(numbers)
-        tick += 1
+        tick = next(_TICKS)
         request = m.GetAttr(ino)
         if writes and tick % 4 == 1:
             request = m.SetXattr(ino, b"user.probe", b"%d" % tick)

@@ -9,7 +9,6 @@ about trio.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import itertools
 import stat
 import sys
@@ -349,10 +348,14 @@ def _extents(pairs) -> bytes:
     return flat.tobytes()
 
 
-def _content_items(inode: Inode) -> int:
+def _cost(inode: Inode) -> int:
+    """The work of serialising ``inode``, in small records (measured: an entry costs about
+    half a record, mostly dict lookups in random order; an extent a sixteenth)."""
     if inode.directory is not None:
-        return len(inode.directory.order)
-    return len(inode.blocks) if inode.blocks is not None else 0
+        return 1 + len(inode.directory.order) // SnapshotCapture.ENTRIES_PER_UNIT
+    if inode.blocks is not None:
+        return 1 + len(inode.blocks) // SnapshotCapture.EXTENTS_PER_UNIT
+    return 1
 
 
 def _attributes(inode: Inode) -> tuple:
@@ -409,7 +412,8 @@ class SnapshotCapture:
     the remaining pieces come from the state as of the start.
     """
 
-    ITEMS_PER_UNIT = 8  # directory entries or extents costing about one small record
+    ENTRIES_PER_UNIT = 2  # directory entries costing about one small record
+    EXTENTS_PER_UNIT = 16  # extents costing about one small record
 
     def __init__(self, state: TreeState, lsn: int, ident: int) -> None:
         self.lsn = lsn
@@ -426,7 +430,7 @@ class SnapshotCapture:
         self.prior: dict[int, dict[bytes, tuple[int, int] | None]] = {}
         self._head: bytes | None = _body_head(self._pack, state.next_ino, len(numbers))
         self._pieces = None  # generator of the record being produced in pieces
-        self._slice = 1 << 14
+        self._budget = 1000
 
     @property
     def done(self) -> bool:
@@ -449,11 +453,10 @@ class SnapshotCapture:
                 self.saved[op.ino] = _frozen_copy(inode)
 
     def next_chunk(self, budget: int) -> tuple[bool, bytes]:
-        """About ``budget`` units of work (a small record is one unit; ``ITEMS_PER_UNIT``
-        entries or extents are one more): (whether this was the last chunk, its bytes).
-        Once the last chunk is out, the capture detaches itself from the state."""
-        budget = max(1, budget)
-        self._slice = budget * self.ITEMS_PER_UNIT
+        """About ``budget`` units of work (a small record is one unit, so are
+        ``ENTRIES_PER_UNIT`` entries or ``EXTENTS_PER_UNIT`` extents): (whether this was the
+        last chunk, its bytes). Once the last chunk is out, the capture detaches itself."""
+        budget = self._budget = max(1, budget)
         parts = []
         if self._head is not None:
             parts.append(self._head)
@@ -465,10 +468,10 @@ class SnapshotCapture:
             if self._pieces is None:
                 ino = numbers[self._position]
                 inode = saved.get(ino) or inodes[ino]
-                items = _content_items(inode)
-                if items <= self._slice and ino not in prior:
+                cost = _cost(inode)
+                if cost <= budget and ino not in prior:
                     parts.append(pack(_record(inode)))
-                    spent += 1 + items // self.ITEMS_PER_UNIT
+                    spent += cost
                     self._advance()
                     continue
                 self._pieces = self._record_pieces(ino)
@@ -477,8 +480,8 @@ class SnapshotCapture:
                 self._pieces = None
                 self._advance()
             else:
-                parts.append(piece)
-                spent += 1 + len(piece) // (16 * self.ITEMS_PER_UNIT)
+                parts.append(piece[0])
+                spent += piece[1]
         if self.done and self._state.capture is self:
             self._state.capture = None
         return self.done, b"".join(parts)
@@ -495,36 +498,33 @@ class SnapshotCapture:
         return self.saved.get(ino) or self._state.inodes[ino]
 
     def _record_pieces(self, ino: int):
-        """The bytes of one record, a slice of its entries or extents at a time."""
+        """(bytes, cost) of one record, a slice of its entries or extents at a time."""
         pack = self._pack
         inode = self._source(ino)
         head = _RECORD_HEAD + pack(_attributes(inode))[1:]  # fixarray 10 → 12: content, xattrs
         if inode.directory is not None:
-            yield head + _array_header(self._entry_count(ino, inode.directory))
+            yield head + _array_header(self._entry_count(ino, inode.directory)), 1
             after = 0  # cookies are >= 1
-            while True:
-                entries = self._entries_after(ino, inode.directory, after)
-                if not entries:
-                    break
-                after = entries[-1][0]
-                yield pack([(name, child) for _, name, child in entries])[
-                    len(_array_header(len(entries))):]
+            while after is not None:
+                entries, after = self._entries_after(ino, inode.directory, after)
+                yield (pack(entries)[len(_array_header(len(entries))):],
+                       1 + len(entries) // self.ENTRIES_PER_UNIT)
         else:
             # A dict has no positions to resume at: iterate it, and when it changes (it was
             # copied first) resume on the copy, which has the same order, after as many.
             blocks = inode.blocks
             total = len(blocks)
-            yield head + _bin_header(16 * total)
+            yield head + _bin_header(16 * total), 1
             pairs, done = iter(blocks.items()), 0
             while done < total:
                 current = self._source(ino).blocks
                 if current is not blocks:
                     blocks = current
                     pairs = itertools.islice(iter(blocks.items()), done, None)
-                count = min(self._slice, total - done)
-                yield _extents(itertools.islice(pairs, count))
+                count = min(self._budget * self.EXTENTS_PER_UNIT, total - done)
+                yield _extents(itertools.islice(pairs, count)), 1 + count // self.EXTENTS_PER_UNIT
                 done += count
-        yield pack(self._source(ino).xattrs)
+        yield pack(self._source(ino).xattrs), 1
 
     def _entry_count(self, ino: int, directory: Directory) -> int:
         prior = self.prior.get(ino)
@@ -534,26 +534,26 @@ class SnapshotCapture:
         return (len(names) - sum(name in names for name in prior)
                 + sum(entry is not None for entry in prior.values()))
 
-    def _entries_after(self, ino: int, directory: Directory, after: int) -> list:
-        """Up to a slice of (cookie, name, ino) of the directory as of the capture, with a
-        cookie greater than ``after``, in cookie order."""
-        order, limit = directory.order, self._slice
+    def _entries_after(self, ino: int, directory: Directory, after: int) -> tuple[list, int]:
+        """(entries, cursor): the (name, ino) entries of the directory as of the capture whose
+        cookie is greater than ``after`` and at most ``cursor``, in cookie order, about a slice
+        of them; ``cursor`` is None when no entry is left after these."""
+        order, prior = directory.order, self.prior.get(ino)
         start = bisect_right(order, after)
-        prior = self.prior.get(ino)
+        # a changed directory costs about twice as much per entry: half the slice
+        cookies = order[start:start + self._budget * self.ENTRIES_PER_UNIT // (1 + bool(prior))]
+        more = start + len(cookies) < len(order)
+        names, children = list(map(directory.by_cookie.__getitem__, cookies)), directory.names
         if not prior:
-            cookies = order[start:start + limit]
-            names = list(map(directory.by_cookie.__getitem__, cookies))
-            return list(zip(cookies, names, map(directory.names.__getitem__, names)))
-        restored = sorted((entry[1], name, entry[0]) for name, entry in prior.items()
-                          if entry is not None and entry[1] > after)
-        by_cookie, names, result = directory.by_cookie, directory.names, []
-        live = iter(order[start:])
-        merged = heapq.merge(((cookie, by_cookie[cookie]) for cookie in live), restored)
-        for item in merged:
-            if len(item) == 3:
-                result.append(item)
-            elif item[1] not in prior:
-                result.append((item[0], item[1], names[item[1]]))
-            if len(result) >= limit:
-                break
-        return result
+            return list(zip(names, map(children.__getitem__, names))), cookies[-1] if more else None
+        upper = cookies[-1] if more else 1 << 64
+        restored = [(entry[1], name, entry[0]) for name, entry in prior.items()
+                    if entry is not None and after < entry[1] <= upper]
+        if not restored:
+            return ([(name, children[name]) for name in names if name not in prior],
+                    upper if more else None)
+        entries = [(cookie, name, children[name])
+                   for cookie, name in zip(cookies, names) if name not in prior]
+        entries.extend(restored)
+        entries.sort()  # two sorted runs: one merge pass
+        return [(name, child) for _, name, child in entries], (upper if more else None)

@@ -441,7 +441,7 @@ class SnapshotChunk:
 
 @_message
 class AbortSnapshot:
-    """Drop capture ``capture`` if it is still the running one (no reply needed)."""
+    """Drop capture ``capture`` if it is still the running one; reply None."""
 
     TAG: ClassVar[int] = 74
     capture: int

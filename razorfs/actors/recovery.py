@@ -284,6 +284,9 @@ class RecoveryCoordinator:
                 finished, data = (await tree.ask(
                     m.SnapshotChunk(capture, self._tuning.checkpoint_chunk))).value
                 parts.append(data)
+                # Let the tasks whose replies the last step produced run before the tree
+                # manager takes the next chunk: else one may wait for two chunks, not one.
+                await trio.sleep(0)
         finally:
             if not finished:
                 await _abort_capture(tree, capture)
@@ -302,10 +305,11 @@ class RecoveryCoordinator:
 
 
 async def _abort_capture(tree: Mailbox, capture: int) -> None:
-    """Tell the tree manager to drop a capture this coordinator abandons (error, cancellation),
-    so that apply stops copying for it; best effort: the tree manager may be gone already."""
+    """Have the tree manager drop a capture this coordinator abandons (nothing to write, an
+    error, cancellation), so that apply stops copying for it; best effort: the tree manager
+    may be gone already (then so is the capture)."""
     with trio.CancelScope(shield=True), trio.move_on_after(5):
         try:
-            await tree.tell(m.AbortSnapshot(capture))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await tree.ask(m.AbortSnapshot(capture))
+        except FsError:
             pass

@@ -57,9 +57,11 @@ class TreeQueries:
     answered by message too (``Lookup``, ``GetAttr``, ...), for tools and tests.
     """
 
-    def __init__(self, state: TreeState, last_lsn: Callable[[], int]) -> None:
+    def __init__(self, state: TreeState, last_lsn: Callable[[], int],
+                 clock: Callable[[], int] = time.time_ns) -> None:
         self._state = state
         self._last_lsn = last_lsn
+        self._clock = clock
 
     def inode(self, ino: int) -> Inode:
         inode = self._state.inodes.get(ino)
@@ -143,6 +145,15 @@ class TreeQueries:
                 flat.extend((lblk, packed >> 32, packed & 0xFFFFFFFF))
         return (inode.size, tuple(flat))
 
+    def atime_due(self, ino: int) -> bool:
+        """relatime, as Linux mounts by default: a read moves atime only when atime is not newer
+        than the last change or is a day old, so reads rarely cost a transaction (and asking
+        here first spares the rest a message)."""
+        inode = self._state.inodes.get(ino)
+        return inode is not None and (
+            inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
+            or self._clock() - inode.atime_ns >= RELATIME_PERIOD_NS)
+
     def sync_point(self) -> int:
         """The LSN of the last transaction applied: what an fsync must wait for."""
         return self._last_lsn()
@@ -169,7 +180,7 @@ class TreeManager:
         self._allocator = allocator
         self._clock = clock
         self._failsafe: str | None = None
-        self.queries = TreeQueries(state, lambda: self._last_lsn)
+        self.queries = TreeQueries(state, lambda: self._last_lsn, clock)
         self._handlers = {
             m.Lookup: self._lookup,
             m.GetAttr: self._getattr,
@@ -279,16 +290,10 @@ class TreeManager:
         return self.queries.map_blocks(msg.ino, msg.first, msg.count)
 
     async def _accessed(self, msg: m.Accessed):
-        """relatime, as Linux mounts by default: atime moves on a read only when it is older
-        than the last change or than a day, so reads rarely cost a transaction."""
-        inode = self._state.inodes.get(msg.ino)
-        if inode is None or self._failsafe or self._wal_status.failed:
-            return None
-        now = self._clock()
-        if (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
-                or now - inode.atime_ns >= RELATIME_PERIOD_NS):
-            await self._commit([inode.put_op(atime_ns=now)])
-        return None
+        """A read of ``msg.ino``: move its atime if relatime says so (``TreeQueries.atime_due``)."""
+        if self._failsafe or self._wal_status.failed or not self.queries.atime_due(msg.ino):
+            return
+        await self._commit([self._state.inodes[msg.ino].put_op(atime_ns=self._clock())])
 
     async def _sync_point(self, msg: m.SyncPoint):
         return self.queries.sync_point()

@@ -97,11 +97,6 @@ class BlockLease:
 class OpenFile:
     ino: int
     flags: int
-    # Who opened it: pyfuse3's write() carries no request context, and a write by a user
-    # outside the file's group must drop a setgid bit (see drops_setgid).
-    uid: int = 0
-    gid: int = 0
-    pid: int = 0
 
 
 def supplementary_groups(pid: int) -> set[int]:
@@ -118,14 +113,10 @@ def supplementary_groups(pid: int) -> set[int]:
 
 
 def setid_bits_dropped(mode: int, file_gid: int, uid: int, gid: int, pid: int) -> int:
-    """The set-id bits a write or truncate by this caller clears, as Linux decides it
+    """The set-id bits Linux clears when this caller truncates the file
     (setattr_should_drop_suidgid): S_ISUID always, S_ISGID if the group may execute or the
-    caller is outside the file's group; nothing for root (CAP_FSETID).
-
-    The kernel's FUSE client sends the first two itself as a setattr, but not the setgid bit
-    without group execute, and nothing at all for open(O_TRUNC), which it leaves to OPEN
-    (atomic_o_trunc): those are ours. Applying the whole rule is harmless where the kernel's
-    setattr came first."""
+    caller is outside the file's group; nothing for root (CAP_FSETID). Needed for
+    open(O_TRUNC), which the kernel leaves wholly to OPEN (atomic_o_trunc) with no SETATTR."""
     if uid == 0 or not stat.S_ISREG(mode):
         return 0
     dropped = mode & stat.S_ISUID
@@ -133,6 +124,19 @@ def setid_bits_dropped(mode: int, file_gid: int, uid: int, gid: int, pid: int) -
             gid != file_gid and file_gid not in supplementary_groups(pid))):
         dropped |= stat.S_ISGID
     return dropped
+
+
+def setgid_dropped(mode: int, file_gid: int, uid: int, gid: int, pid: int) -> bool:
+    """Whether Linux drops S_ISGID here (setattr_should_drop_sgid) in the one case the kernel's
+    FUSE client leaves to us: a regular file, setgid without group execute, a caller outside
+    the file's group and not root (CAP_FSETID, approximated by uid 0). The client asks with
+    the caller's credentials by a SETATTR: before a write (one setting nothing if there is no
+    S_ISUID to kill as well), for a chown (one setting nothing for chown(f, -1, -1)) and for a
+    truncate. A chmod never needs it: the kernel strips S_ISGID from a non-member's chmod."""
+    if (uid == 0 or not stat.S_ISREG(mode)
+            or mode & (stat.S_ISGID | stat.S_IXGRP) != stat.S_ISGID):
+        return False
+    return gid != file_gid and file_gid not in supplementary_groups(pid)
 
 
 def entry_attributes(attr: tuple) -> pyfuse3.EntryAttributes:
@@ -147,11 +151,10 @@ def entry_attributes(attr: tuple) -> pyfuse3.EntryAttributes:
     return entry
 
 
-def read_blocks(read_run, first: int, count: int, triples: tuple) -> bytes | bytearray | None:
-    """Blocks ``first``..``first+count-1`` of a file: mapped ones read and verified, holes zero.
-    Runs of consecutive physical blocks are read with one ``read_run(pblk, count)`` call; if
-    that returns None (not cached), so does this."""
-    runs = []
+def _physical_runs(triples: tuple) -> list[tuple[int, int]]:
+    """(start, end) index ranges of ``triples`` whose blocks are consecutive both in the file
+    and in the block store."""
+    spans = []
     i = 0
     while i < len(triples):
         run_start = i
@@ -159,15 +162,32 @@ def read_blocks(read_run, first: int, count: int, triples: tuple) -> bytes | byt
                and triples[i + 4] == triples[i + 1] + 1):
             i += 3
         i += 3
+        spans.append((run_start, i))
+    return spans
+
+
+def read_blocks(read_run, first: int, count: int, triples: tuple) -> bytes | bytearray | None:
+    """Blocks ``first``..``first+count-1`` of a file: mapped ones read and verified, holes zero.
+    Runs of consecutive physical blocks are read with one ``read_run(pblk, count)`` call; if
+    that returns None (not cached), so does this."""
+    runs = []
+    n = len(triples) // 3
+    if (n and triples[0::3] == tuple(range(triples[0], triples[0] + n))
+            and triples[1::3] == tuple(range(triples[1], triples[1] + n))):
+        spans = [(0, len(triples))]  # one physical run, the usual case: found at C speed
+    else:
+        spans = _physical_runs(triples)
+    for run_start, i in spans:
         first_lblk, first_pblk = triples[run_start], triples[run_start + 1]
         length = (i - run_start) // 3
         data = read_run(first_pblk, length)
         if data is None:
             return None
         view = memoryview(data)
-        for k in range(length):
-            if crc(view[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]) != triples[run_start + 3 * k + 2]:
-                raise ChecksumMismatch(first_lblk + k, first_pblk + k)
+        actual = [crc(view[o : o + BLOCK_SIZE]) for o in range(0, len(data), BLOCK_SIZE)]
+        if actual != list(triples[run_start + 2 : i : 3]):
+            k = next(k for k, value in enumerate(actual) if value != triples[run_start + 3 * k + 2])
+            raise ChecksumMismatch(first_lblk + k, first_pblk + k)
         runs.append((first_lblk, data))
     if len(runs) == 1 and runs[0][0] == first and len(runs[0][1]) == count * BLOCK_SIZE:
         return runs[0][1]  # one run covering the whole range: no copy
@@ -213,7 +233,8 @@ class Operations(pyfuse3.Operations):
 
     async def _settle(self, lsn: int) -> None:
         """In --durability=sync, a change is durable before its syscall returns (G2)."""
-        if self._sync_writes and lsn:
+        if self._sync_writes and lsn and (lsn > self._wal_status.durable_lsn
+                                          or self._wal_status.failed):
             await self._wal.ask(m.WaitDurable(lsn))
 
     async def _change(self, message) -> m.Ok:
@@ -225,7 +246,9 @@ class Operations(pyfuse3.Operations):
         return entry_attributes((await self._change(message)).value)
 
     async def _sync_all(self) -> None:
-        await self._wal.ask(m.WaitDurable(self._queries.sync_point()))
+        lsn = self._queries.sync_point()
+        if lsn > self._wal_status.durable_lsn or self._wal_status.failed:
+            await self._wal.ask(m.WaitDurable(lsn))
 
     @asynccontextmanager
     async def _exclusive(self, ino: int):
@@ -248,11 +271,10 @@ class Operations(pyfuse3.Operations):
             if entry[1] == 0:
                 del self._inode_locks[ino]
 
-    def _new_fh(self, ino: int, flags: int, ctx=None) -> int:
+    def _new_fh(self, ino: int, flags: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._open_files[fh] = (OpenFile(ino, flags) if ctx is None
-                                else OpenFile(ino, flags, ctx.uid, ctx.gid, ctx.pid))
+        self._open_files[fh] = OpenFile(ino, flags)
         return fh
 
     def _open_file(self, fh: int) -> OpenFile:
@@ -342,13 +364,15 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
+        times_only = (fields.update_atime or fields.update_mtime) and not (
+            fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size)
+        if not times_only:  # utimensat keeps set-id bits
+            current = self._queries.getattr(inode)
+            mode = current.mode if message.mode is None else message.mode
+            if setgid_dropped(mode, current.gid, ctx.uid, ctx.gid, ctx.pid):
+                message = dataclasses.replace(message, mode=mode & ~stat.S_ISGID)
         if not fields.update_size:
             return entry_attributes((await self._change(message)).value)
-        if message.mode is None:
-            current = self._queries.getattr(inode)
-            dropped = setid_bits_dropped(current.mode, current.gid, ctx.uid, ctx.gid, ctx.pid)
-            if dropped:
-                message = dataclasses.replace(message, mode=current.mode & ~dropped)
         return entry_attributes(await self._truncate(dataclasses.replace(message,
                                                                          size=attr.st_size)))
 
@@ -467,13 +491,13 @@ class Operations(pyfuse3.Operations):
             dropped = setid_bits_dropped(attr.mode, attr.gid, ctx.uid, ctx.gid, ctx.pid)
             await self._truncate(m.SetAttr(inode, size=0,
                                            mode=attr.mode & ~dropped if dropped else None))
-        return pyfuse3.FileInfo(fh=self._new_fh(inode, flags, ctx), keep_cache=True)
+        return pyfuse3.FileInfo(fh=self._new_fh(inode, flags), keep_cache=True)
 
     @fuse_edge
     async def create(self, parent_inode, name, mode, flags, ctx):
         entry = await self._make(m.MakeNode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode),
                                             0, ctx.uid, ctx.gid))
-        return pyfuse3.FileInfo(fh=self._new_fh(entry.st_ino, flags, ctx)), entry
+        return pyfuse3.FileInfo(fh=self._new_fh(entry.st_ino, flags)), entry
 
     @fuse_edge
     async def read(self, fh, off, size):
@@ -488,7 +512,7 @@ class Operations(pyfuse3.Operations):
             return b""
         start = off - first * BLOCK_SIZE
         self.metrics.bytes_read += end - off
-        if self._update_atime:
+        if self._update_atime and self._queries.atime_due(ino):
             await self._tree.tell(m.Accessed(ino))
         if isinstance(data, bytes):
             return data[start : start + end - off]  # the whole buffer: no copy
@@ -496,15 +520,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def write(self, fh, off, buf):
-        opened = self._open_file(fh)
-        ino = opened.ino
+        ino = self._open_file(fh).ino
         if not buf:
             return 0
         self._refuse_if_failsafe()
-        attr = self._queries.getattr(ino)
-        dropped = setid_bits_dropped(attr.mode, attr.gid, opened.uid, opened.gid, opened.pid)
-        if dropped:
-            await self._change(m.SetAttr(ino, mode=attr.mode & ~dropped))
         first = off // BLOCK_SIZE
         last = (off + len(buf) - 1) // BLOCK_SIZE
         start = off - first * BLOCK_SIZE

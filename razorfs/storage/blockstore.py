@@ -51,7 +51,7 @@ class BlockStore:
             raise OSError(errno.EIO, f"block store short read at block {first_pblk}")
         return data
 
-    def read_run_if_cached(self, first_pblk: int, count: int) -> bytes | None:
+    def read_run_if_cached(self, first_pblk: int, count: int) -> bytes | bytearray | None:
         """``read_run`` if the blocks are all in the page cache (no waiting), else None."""
         return self._file.pread_if_cached(first_pblk * BLOCK_SIZE, count * BLOCK_SIZE)
 

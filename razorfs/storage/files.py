@@ -16,7 +16,7 @@ class RealFile(StorageFile):
         self._counters.add(read=len(data))
         return data
 
-    def pread_if_cached(self, offset: int, length: int) -> bytes | None:
+    def pread_if_cached(self, offset: int, length: int) -> bytearray | None:
         buffer = bytearray(length)
         try:
             # RWF_NOWAIT: EAGAIN instead of waiting for the disk (Linux >= 4.14, buffered reads
@@ -27,7 +27,7 @@ class RealFile(StorageFile):
         if got != length:
             return None
         self._counters.add(read=got)
-        return bytes(buffer)
+        return buffer  # not copied into bytes: a 1 MiB copy is a third of a cached read
 
     def pwrite(self, offset: int, data: bytes) -> None:
         view = memoryview(data)

@@ -47,7 +47,7 @@ class StorageFile(abc.ABC):
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to ``length`` bytes; short only at end of file."""
 
-    def pread_if_cached(self, offset: int, length: int) -> bytes | None:
+    def pread_if_cached(self, offset: int, length: int) -> bytes | bytearray | None:
         """All ``length`` bytes if they can be had without waiting for the device (from the
         page cache), else None. Lets the event loop skip a worker thread for cached reads;
         an implementation that cannot tell returns None."""

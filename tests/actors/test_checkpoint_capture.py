@@ -87,7 +87,7 @@ async def test_requests_are_served_between_chunks_and_the_checkpoint_is_exact(
                     files.append((ROOT, b"moved-%d" % ino, ino))
                 else:
                     continue
-                if capture is not None and state.capture is capture:  # and after its reply
+                if lsn and capture is not None and state.capture is capture:  # and after
                     served_during_capture.append(lsn)
         await fs.sync()
         chunks = [e["chunks"] for e in no_unexpected_error_logs if e["event"] == "checkpoint"]
