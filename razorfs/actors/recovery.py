@@ -30,7 +30,7 @@ from razorfs.storage.blockstore import BlockStore
 from razorfs.storage.formats import FormatError, Superblock
 from razorfs.storage.interface import Storage
 from razorfs.storage.wal import LogEnd, delete_segments_upto, list_segments, scan_log
-from razorfs.tree import TreeState
+from razorfs.tree import TreeState, collector_paused
 
 log = structlog.get_logger("razorfs.recovery")
 
@@ -71,6 +71,11 @@ def list_checkpoints(storage: Storage) -> list[tuple[int, str]]:
 def load(storage: Storage, *, salvage: bool = False) -> Recovered:
     """Rebuild the state from disk without changing anything (recovery and fsck share this).
     ``salvage``: a damaged log ends at the damage instead of refusing (fsck --repair)."""
+    with collector_paused():
+        return _load(storage, salvage=salvage)
+
+
+def _load(storage: Storage, *, salvage: bool) -> Recovered:
     superblock = read_superblock(storage)
     skipped, damaged = [], []
     for lsn, path in reversed(list_checkpoints(storage)):
