@@ -8,6 +8,7 @@ the tree manager, which closes the WAL writer (final commit), which closes the a
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -131,6 +132,10 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
     async with trio.open_nursery() as actors:
         notify_systemd("STATUS=recovering")
         handles = await actors.start(RecoveryCoordinator(coordinator_inbox, storage, tuning).run)
+        # The recovered tree (a million inodes are several million objects) forms no garbage
+        # cycles: frozen out of the collector's sight, it is no longer walked by every full
+        # collection, which held up all requests for up to a second on a big tree.
+        gc.freeze()
         try:
             await _mount_and_serve(handles, coordinator, data_dir, mountpoint, options,
                                    log_stream)
