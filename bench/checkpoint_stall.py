@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 
 import structlog
 import trio
@@ -153,7 +154,8 @@ async def measure(storage, args, mode: str) -> None:
     async with trio.open_nursery() as nursery:
         handles = await nursery.start(RecoveryCoordinator(inbox, storage, Tuning(**tuning)).run)
         tree = handles.tree
-        numbers = sorted(handles.recovered.state.inodes)
+        numbers = array("Q", sorted(handles.recovered.state.inodes))  # not walked by the GC
+        gc.freeze()  # as the daemon does once recovered
         try:
             deadline = trio.current_time() + 1.0
             idle = await probe_while(tree, numbers, rng, args.writes,

@@ -242,9 +242,12 @@ class RecoveryCoordinator:
 
     async def _serve(self, tree: Mailbox, wal: Mailbox) -> None:
         async with self._inbox:
+            # A deadline, not a quiet period: a monitor asking for stats more often than the
+            # poll period would otherwise hold off checkpoints for as long as it kept asking.
+            next_check = trio.current_time() + self._tuning.checkpoint_poll
             while True:
                 envelope = None
-                with trio.move_on_after(self._tuning.checkpoint_poll):
+                with trio.move_on_at(next_check):
                     try:
                         envelope = await self._inbox.receive()
                     except trio.EndOfChannel:
@@ -252,7 +255,9 @@ class RecoveryCoordinator:
                 if envelope is not None:
                     await handle_envelope(envelope, lambda msg: self._handle(msg, tree, wal),
                                           "recovery")
+                if trio.current_time() < next_check:
                     continue
+                next_check = trio.current_time() + self._tuning.checkpoint_poll
                 stats = (await wal.ask(m.WalStats())).value
                 if stats[4] >= self._tuning.checkpoint_bytes and not stats[5]:
                     await self._checkpoint_or_failsafe(tree, wal)
@@ -291,7 +296,7 @@ class RecoveryCoordinator:
                 parts.append(data)
                 # Let the tasks whose replies the last step produced run before the tree
                 # manager takes the next chunk: else one may wait for two chunks, not one.
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
         finally:
             if not finished:
                 await _abort_capture(tree, capture)

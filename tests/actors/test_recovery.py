@@ -235,3 +235,20 @@ async def test_half_applied_transaction_never_reaches_a_checkpoint(disk):
     assert report.clean, report.problems
     async with mounted(disk) as fs:
         assert (await fs.call(m.MapBlocks(f.ino, 0, 2))).value == (0, ())
+
+
+async def test_frequent_stats_requests_do_not_hold_off_checkpoints(disk, autojump_clock):
+    """A monitor asking for stats more often than the poll period (``razorfs stats`` in a loop,
+    a Prometheus scrape) must not keep the coordinator from checking the log's size."""
+    async with mounted(disk, checkpoint_bytes=16 << 10, checkpoint_poll=5.0) as fs:
+        f = await fs.create(b"f")
+        for i in range(4):
+            await fs.call(m.SetXattr(f.ino, b"user.%d" % i, bytes(5000)))
+        # No fsync: the commit interval commits these. The asks come every 0.5 s from the
+        # start, as any wait on a worker thread would let the mock clock jump straight to the
+        # coordinator's first check.
+        for _ in range(30):  # 15 s
+            await trio.sleep(0.5)
+            checkpoints = (await fs.coordinator.ask(m.CheckpointStats())).value[0]
+        assert checkpoints == 1
+        assert (await fs.wal_stats()).bytes_since_trim == 0

@@ -150,7 +150,31 @@ def test_to_snapshot_is_the_checkpoint_format() -> None:
     state.apply(m.PutInode(state.next_ino + 5, REG, 1, 0, 0, 0, 0, T0, T0, T0))
     state.apply(m.PutInode(state.next_ino - 3, REG, 1, 0, 0, 0, 0, T0, T0, T0))  # out of order
     assert list(state.inodes) != sorted(state.inodes)
-    assert state.to_snapshot() == reference_snapshot(state)
+    assert state.to_snapshot() == reference_snapshot(state) == chunked(state, 3)
+
+
+def rng_mode(ino: int) -> int:
+    return [DIR, REG, LNK, FIFO][ino % 4]
+
+
+def test_inodes_out_of_number_order_are_captured_in_order() -> None:
+    state = TreeState.fresh(uid=0, gid=0, now_ns=T0)
+    for ino in range(2, 40):
+        state.apply(m.PutInode(ino, rng_mode(ino), 1, 0, 0, 0, ino, T0, T0, T0))
+        state.apply(m.PutEntry(ROOT_INO, b"name-%d" % ino, ino))
+    state.apply(m.DropInode(7))
+    assert state.numbers_in_order
+    assert TreeState.from_snapshot(state.to_snapshot()).numbers_in_order
+    next_ino, records = msgpack.unpackb(state.to_snapshot())  # an older checkpoint's order
+    shuffled = msgpack.packb((next_ino, records[1:] + records[:1]))
+    loaded = TreeState.from_snapshot(shuffled)
+    assert not loaded.numbers_in_order
+    assert chunked(loaded, 2) == loaded.to_snapshot() == state.to_snapshot()
+    state.apply(m.PutInode(state.next_ino + 3, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    assert state.numbers_in_order
+    state.apply(m.PutInode(state.next_ino - 2, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    assert not state.numbers_in_order
+    assert chunked(state, 2) == state.to_snapshot()
 
 
 @pytest.mark.parametrize("budget", [1, 2, 5, 64, 10_000])
@@ -259,6 +283,39 @@ def test_a_big_directory_changed_while_it_is_produced_in_pieces(seed, colliding_
                 twin.apply(op)
 
     assert chunked(state, rng.choice([1, 2, 5]), change) == expected
+    assert canonical(state) == canonical(twin)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_big_file_changed_while_it_is_produced_in_pieces(seed) -> None:
+    rng = random.Random(seed)
+    state = TreeState.fresh(uid=0, gid=0, now_ns=T0)
+    big = 2
+    state.apply(m.PutInode(big, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    state.apply(m.PutEntry(ROOT_INO, b"big", big))
+    lblks = rng.sample(range(5000), 1000)  # a map in no particular order
+    state.apply(m.PutBlocks(big, tuple(v for lblk in lblks for v in (lblk, lblk + 9, lblk))))
+    expected = state.to_snapshot()
+    twin = TreeState.from_snapshot(expected)
+
+    def change() -> None:
+        if big not in state.inodes or rng.random() < 0.5:
+            return
+        kind = rng.randrange(5)
+        if kind == 0:
+            ops = [m.PutBlocks(big, (rng.choice(lblks), 1, 2, rng.randrange(5000), 3, 4))]
+        elif kind == 1:
+            ops = [m.TruncateBlocks(big, rng.randrange(5000))]
+        elif kind == 2:
+            ops = [m.PutXattr(big, b"user.x", rng.randbytes(4))]
+        elif kind == 3:
+            ops = [state.inodes[big].put_op(size=rng.randrange(1 << 30))]
+        else:
+            ops = [m.DropEntry(ROOT_INO, b"big"), m.DropInode(big)]
+        for op in ops:
+            assert sorted(state.apply(op)) == sorted(twin.apply(op))
+
+    assert chunked(state, 1, change) == expected
     assert canonical(state) == canonical(twin)
 
 
