@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 from razorfs.storage.interface import IOCounters, SpaceInfo, Storage, StorageFile
 
 

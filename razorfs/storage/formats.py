@@ -236,10 +236,19 @@ def find_valid_records_after(data: bytes, offset: int):
 
 
 def encode_checkpoint(lsn: int, uuid: bytes, body: bytes) -> bytes:
-    head = _CHECKPOINT_HEADER.pack(
-        CHECKPOINT_MAGIC, FORMAT_VERSION, 0, lsn, len(body), uuid[:4], crc(body), 0
-    )
-    return head + struct.pack("<I", crc(head)) + body
+    return checkpoint_header(lsn, uuid, [body]) + body
+
+
+def checkpoint_header(lsn: int, uuid: bytes, parts) -> bytes:
+    """The header of a checkpoint whose body is the concatenation of ``parts``: a big body can
+    be written part by part, never joined into one more copy."""
+    length = value = 0
+    for part in parts:
+        length += len(part)
+        value = crc(part, value)
+    head = _CHECKPOINT_HEADER.pack(CHECKPOINT_MAGIC, FORMAT_VERSION, 0, lsn, length, uuid[:4],
+                                   value, 0)
+    return head + struct.pack("<I", crc(head))
 
 
 def decode_checkpoint(data: bytes, uuid: bytes, where: str) -> tuple[int, bytes]:

@@ -117,13 +117,17 @@ class Storage(abc.ABC):
     def space(self) -> SpaceInfo:
         ...
 
-    def write_file_atomically(self, path: str, data: bytes) -> None:
-        """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
+    def write_file_atomically(self, path: str, data: bytes | list[bytes]) -> None:
+        """Replace ``path`` by ``data`` (bytes, or a list of parts written one after the other)
+        so that a crash leaves either the old or the new file."""
         directory = path.rpartition("/")[0]
         temp = path + ".tmp"
         with self.open(temp, create=True) as f:
             f.truncate(0)
-            f.pwrite(0, data)
+            offset = 0
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                f.pwrite(offset, part)
+                offset += len(part)
             f.fsync()
         self.rename(temp, path)
         self.fsync_dir(directory)

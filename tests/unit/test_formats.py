@@ -257,3 +257,10 @@ def test_parse_lsn_name_rejects_other_names(name: str) -> None:
                                   " 000000000000005.wal", "0000_0000_00005a.wal"])
 def test_parse_lsn_name_rejects_non_hex_digit_stems(name: str) -> None:
     assert formats.parse_lsn_name(name, ".wal") is None
+
+
+def test_checkpoint_written_in_parts_is_the_same_file():
+    parts = [BODY[:5], b"", BODY[5:]]
+    data = formats.checkpoint_header(77, UUID, parts) + b"".join(parts)
+    assert data == formats.encode_checkpoint(77, UUID, BODY)
+    assert formats.decode_checkpoint(data, UUID, "c") == (77, BODY)

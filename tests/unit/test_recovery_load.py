@@ -228,3 +228,12 @@ def test_written_checkpoints_survive_a_crash(disk, superblock) -> None:
     after_crash = disk.crash()
     recovered = load(after_crash)
     assert recovered.checkpoint_lsn == 4 and names(recovered.state) == {b"kept"}
+
+
+def test_checkpoint_body_written_in_parts_is_the_same_file(disk, superblock):
+    body = TreeState.fresh(uid=0, gid=0, now_ns=1).to_snapshot()
+    uuid = superblock.uuid
+    write_checkpoint(disk, uuid, 5, [body[:3], body[3:10], b"", body[10:]])
+    whole = formats.encode_checkpoint(5, uuid, body)
+    assert disk.read_file(formats.checkpoint_name(5)) == whole
+    assert load(disk).checkpoint_lsn == 5
