@@ -107,6 +107,16 @@ class Mount:
         """A crash: SIGKILL, then detach the dead mount."""
         assert self.kill(signal.SIGKILL)
 
+    def sync_crash_and_mount(self) -> Mount:
+        """fsync (everything done before it is durable, G1), SIGKILL, mount again (recovery)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.kill9()
+        return self.mount()
+
     def fsck(self, *extra: str) -> subprocess.CompletedProcess:
         return razorfs("fsck", self.data, *extra)
 

@@ -76,13 +76,7 @@ def crash_and_recover(mount, ours: Side, ref: Side, context: str) -> None:
     again: recovery must rebuild exactly the tree that was served."""
     ours.close_all()
     ref.close_all()
-    fd = os.open(mount.path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    mount.kill9()
-    mount.mount()
+    mount.sync_crash_and_mount()
     compare_trees(ours, ref, context)
 
 

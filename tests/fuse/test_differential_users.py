@@ -459,13 +459,7 @@ def run_seed(seed: int, count: int, mount, ours: dict[str, Actor],
         if index + 1 == CRASH_AFTER:
             # fsync (everything before it is durable), SIGKILL, recover: the same tree
             stop_all(ours, ref)
-            fd = os.open(mount.path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            mount.kill9()
-            mount.mount()
+            mount.sync_crash_and_mount()
             compare_trees(mount.path, ref_root, f"{context}, fsync, kill -9, mount")
             start_all(ours, ref)
     stop_all(ours, ref)
