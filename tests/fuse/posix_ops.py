@@ -249,6 +249,17 @@ class Side:
         os.removexattr(self.target(where), name)
 
 
+def assert_same_trees(ours: Side, ref: Side, context: str) -> None:
+    """Whole trees (``Side.snapshot``) equal, or an AssertionError listing each difference."""
+    mine, theirs = ours.snapshot(), ref.snapshot()
+    if mine != theirs:
+        diff = {key: (mine.get(key), theirs.get(key)) for key in sorted({*mine, *theirs})
+                if mine.get(key) != theirs.get(key)}
+        raise AssertionError(f"{context}: trees differ (razorfs, ext4):\n" + "\n".join(
+            f"  {key!r}: {pair[0]!r}\n  {' ' * len(repr(key))}  {pair[1]!r}"
+            for key, pair in diff.items()))
+
+
 def touched(op: dict) -> tuple[list[str], list[int]]:
     """Paths and slots whose attributes to compare after ``op``."""
     paths = [op[k] for k in ("path", "path2") if k in op]

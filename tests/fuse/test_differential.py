@@ -24,6 +24,7 @@ from posix_ops import (
     Generator,
     Side,
     Stamps,
+    assert_same_trees,
     describe,
     fine_grained_ctime,
     post_state,
@@ -61,23 +62,13 @@ def known_difference(op: dict, ref: Side) -> bool:
     return any(matches(op, ref) for matches, _ in KNOWN_DIFFERENCES)
 
 
-def compare_trees(ours: Side, ref: Side, context: str) -> None:
-    mine, theirs = ours.snapshot(), ref.snapshot()
-    if mine != theirs:
-        diff = {key: (mine.get(key), theirs.get(key)) for key in sorted({*mine, *theirs})
-                if mine.get(key) != theirs.get(key)}
-        raise AssertionError(f"{context}: trees differ (razorfs, ext4):\n" + "\n".join(
-            f"  {key!r}: {pair[0]!r}\n  {' ' * len(repr(key))}  {pair[1]!r}"
-            for key, pair in diff.items()))
-
-
 def crash_and_recover(mount, ours: Side, ref: Side, context: str) -> None:
     """fsync (razorfs: everything done before it is durable, G1), SIGKILL the daemon, mount
     again: recovery must rebuild exactly the tree that was served."""
     ours.close_all()
     ref.close_all()
     mount.sync_crash_and_mount()
-    compare_trees(ours, ref, context)
+    assert_same_trees(ours, ref, context)
 
 
 def run_op(side: Side, op: dict, wait: bool = False) -> tuple:
@@ -109,15 +100,15 @@ def run_seed(seed: int, count: int, mount, ours: Side, ref: Side) -> None:
                 f"RAZORFS_SEED={seed} RAZORFS_OPS={index + 1})\n  op:     {describe(op)}\n"
                 f"  razorfs: {got!r}\n  ext4:    {expected!r}\n  last ops:\n    {recent}")
         if (index + 1) % FULL_CHECK_EVERY == 0:
-            compare_trees(ours, ref, f"seed {seed} after op #{index}")
+            assert_same_trees(ours, ref, f"seed {seed} after op #{index}")
         if index + 1 == CRASH_AFTER:
             crash_and_recover(mount, ours, ref, f"seed {seed}: fsync, kill -9, mount after op "
                                                 f"#{index}")
-    compare_trees(ours, ref, f"seed {seed} at the end")
+    assert_same_trees(ours, ref, f"seed {seed} at the end")
     ours.close_all()
     ref.close_all()
     mount.remount()
-    compare_trees(ours, ref, f"seed {seed} after unmount and remount")
+    assert_same_trees(ours, ref, f"seed {seed} after unmount and remount")
 
 
 @pytest.mark.timeout(600 if LONG else 150)

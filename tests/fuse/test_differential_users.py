@@ -46,7 +46,16 @@ import time
 from pathlib import Path
 
 import pytest
-from posix_ops import NAMES, SLOTS, WEIGHTS, Generator, Side, describe, post_state
+from posix_ops import (
+    NAMES,
+    SLOTS,
+    WEIGHTS,
+    Generator,
+    Side,
+    assert_same_trees,
+    describe,
+    post_state,
+)
 from users import run_as
 
 LONG = bool(os.environ.get("RAZORFS_LONG"))
@@ -418,14 +427,8 @@ class UserGenerator(Generator):
 # ---- the run ----
 
 def compare_trees(ours: Path, ref: Path, context: str) -> None:
-    """Whole trees, read as root (copied from test_differential.py, over paths)."""
-    mine, theirs = Side(ours).snapshot(), Side(ref).snapshot()
-    if mine != theirs:
-        diff = {key: (mine.get(key), theirs.get(key)) for key in sorted({*mine, *theirs})
-                if mine.get(key) != theirs.get(key)}
-        raise AssertionError(f"{context}: trees differ (razorfs, ext4):\n" + "\n".join(
-            f"  {key!r}: {pair[0]!r}\n  {' ' * len(repr(key))}  {pair[1]!r}"
-            for key, pair in diff.items()))
+    """Whole trees, read as root."""
+    assert_same_trees(Side(ours), Side(ref), context)
 
 
 def replay_hint(seed: int, count: int) -> str:
