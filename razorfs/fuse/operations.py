@@ -120,8 +120,8 @@ def setid_bits_dropped(mode: int, file_gid: int, uid: int, gid: int, pid: int) -
     if uid == 0 or not stat.S_ISREG(mode):
         return 0
     dropped = mode & stat.S_ISUID
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or (
-            gid != file_gid and file_gid not in supplementary_groups(pid))):
+    if (mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP
+            or setgid_dropped(mode, file_gid, uid, gid, pid)):
         dropped |= stat.S_ISGID
     return dropped
 
