@@ -1,6 +1,6 @@
 """The one msgpack schema: every message between actors and every redo operation in the WAL.
 
-A message is a frozen dataclass with a unique ``TAG``; on the wire it is the msgpack array
+A message is a named tuple with a unique ``TAG``; on the wire it is the msgpack array
 ``[TAG, field1, field2, ...]`` (fields in declaration order, only msgpack-native values: int,
 bytes, bool, None, tuples). Redo operations use the same schema, so what the WAL holds is
 exactly what the tree manager decided and applied. Tags are part of the on-disk format for redo
@@ -11,13 +11,11 @@ Inode attributes travel as ``Attr`` (a named tuple, an array on the wire).
 
 from __future__ import annotations
 
-import dataclasses
-import operator
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Any, ClassVar, NamedTuple
 
 import msgpack
+
 
 class Attr(NamedTuple):
     """Attributes of an inode as they travel in replies (a msgpack array on the wire)."""
@@ -36,7 +34,20 @@ class Attr(NamedTuple):
 
 
 def _message(cls):
-    return dataclass(frozen=True, slots=True)(cls)
+    """The message type ``cls`` declares: a named tuple of its annotated fields (defaults
+    allowed), with its ``TAG`` and docstring. Immutable like a frozen dataclass, but built at C
+    speed: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
+    2.8 µs for ten fields against 0.6 µs, and every request and every replayed WAL record
+    builds several messages."""
+    namespace = dict(vars(cls))
+    annotations = namespace.get("__annotations__", {})
+    names = [name for name, kind in annotations.items() if not str(kind).startswith("ClassVar")]
+    defaults = [namespace.pop(name) for name in names if name in namespace]
+    for name in ("__dict__", "__weakref__"):
+        namespace.pop(name, None)
+    namespace["__slots__"] = ()
+    base = namedtuple(cls.__name__, names, defaults=defaults, module=cls.__module__)
+    return type(cls.__name__, (base,), namespace)
 
 
 # ---- redo operations (logged in the WAL; tags 1-49 are on-disk format) ----
@@ -460,28 +471,14 @@ _ALL = REDO_OPS + (
 )
 _BY_TAG = {cls.TAG: cls for cls in _ALL}
 assert len(_BY_TAG) == len(_ALL), "duplicate message tag"
-_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _ALL}
 
 
 class SchemaError(ValueError):
     """Bytes that are not a message of this schema."""
 
 
-def _field_getter(cls) -> Callable[[Any], tuple]:
-    """A C-level getter of the message's fields as a tuple: encoding is on every request's path,
-    and a generator of getattr calls cost several µs per message."""
-    names = _FIELDS[cls]
-    if len(names) == 1:
-        get_one = operator.attrgetter(names[0])
-        return lambda message: (get_one(message),)
-    return operator.attrgetter(*names) if names else lambda message: ()
-
-
-_GETTERS = {cls: _field_getter(cls) for cls in _ALL}
-
-
 def _as_list(message) -> list:
-    return [message.TAG, *_GETTERS[type(message)](message)]
+    return [message.TAG, *message]
 
 
 def _from_list(items) -> Any:

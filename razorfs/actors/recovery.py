@@ -3,8 +3,12 @@
 Recovery = newest valid checkpoint + redo of every WAL record after it (no undo is ever needed:
 uncommitted changes never reach the disk's committed state, and data blocks are copy-on-write).
 A torn tail is cut off; damage anywhere else refuses the mount with a message naming file and
-offset. Orphans (inodes unlinked while open when the crash came) are reclaimed, the allocator's
-free map is rebuilt from the extent maps, and a checkpoint is written so nothing is replayed twice.
+offset. Orphans (inodes unlinked while open when the crash came) are reclaimed and the allocator's
+free map is rebuilt from the extent maps. A checkpoint of the replayed state, so that nothing is
+replayed twice, is taken by the coordinator right after start-up through the chunked path, while
+requests are served (a crash before it completes replays the same records again: redo is
+idempotent); the rare recoveries that change the state beyond the log (orphans reclaimed, a
+damaged checkpoint set aside, no log at all) still checkpoint before the mount.
 
 Checkpoints keep the log bounded: a snapshot of the tree as of LSN C is written once C is durable
 (so every block it points to is durable too), atomically; then WAL segments older than the
@@ -14,6 +18,8 @@ previous one plus the log still rebuild everything.
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -51,6 +57,8 @@ class Recovered:
     discarded: int
     skipped_checkpoints: list[str]  # why each damaged checkpoint was passed over
     damaged_checkpoints: list[str]  # their paths
+    seconds: dict[str, float]  # where the time went: checkpoint load, log scan, replay
+    checkpoint_due: bool = False  # replayed records no checkpoint holds yet (``recover``)
 
 
 def read_superblock(storage: Storage) -> Superblock:
@@ -78,6 +86,7 @@ def load(storage: Storage, *, salvage: bool = False) -> Recovered:
 def _load(storage: Storage, *, salvage: bool) -> Recovered:
     superblock = read_superblock(storage)
     skipped, damaged = [], []
+    started = time.perf_counter()
     for lsn, path in reversed(list_checkpoints(storage)):
         try:
             checkpoint_lsn, body = formats.decode_checkpoint(
@@ -89,7 +98,9 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
             damaged.append(path)
     else:
         raise FormatError("no valid checkpoint" + (": " + "; ".join(skipped) if skipped else ""))
+    loaded = time.perf_counter()
     scan = scan_log(storage, superblock.uuid, checkpoint_lsn, salvage=salvage)
+    scanned = time.perf_counter()
     for done, record in enumerate(scan.records, 1):
         if done % REPLAY_PROGRESS_EVERY == 0:
             log.info("replaying WAL", replayed=done, total=len(scan.records))
@@ -104,13 +115,22 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
     orphans = [inode for inode in state.inodes.values() if inode.nlink == 0]
     for inode in orphans:
         state.apply(m.DropInode(inode.ino))
+    seconds = {"checkpoint": loaded - started, "scan": scanned - loaded,
+               "replay": time.perf_counter() - scanned}
     return Recovered(superblock, state, checkpoint_lsn,
                      scan.last_lsn or checkpoint_lsn, scan.last_batch,
-                     len(scan.records), len(orphans), scan.end, scan.discarded, skipped, damaged)
+                     len(scan.records), len(orphans), scan.end, scan.discarded, skipped, damaged,
+                     {name: round(value, 3) for name, value in seconds.items()})
 
 
-def recover(storage: Storage, *, salvage: bool = False) -> Recovered:
-    """``load``, then make the disk agree: cut a torn tail and checkpoint the recovered state."""
+def recover(storage: Storage, *, salvage: bool = False,
+            defer_checkpoint: bool = False) -> Recovered:
+    """``load``, then make the disk agree: cut a torn tail and checkpoint the recovered state.
+
+    ``defer_checkpoint`` (the coordinator at mount): when replayed records are all the
+    checkpoint would add, write none and set ``checkpoint_due`` instead. At a million records
+    serialising and writing the state took seconds before the mount could answer; the
+    coordinator takes the same checkpoint through the chunked path once requests are served."""
     recovered = load(storage, salvage=salvage)
     if recovered.discarded:
         log.warning("salvaged a damaged WAL: committed records after the damage discarded",
@@ -126,7 +146,12 @@ def recover(storage: Storage, *, salvage: bool = False) -> Recovered:
     end = recovered.log_end
     if end is not None and end.reason is not None:
         _cut_tail(storage, end)
-    if recovered.replayed or recovered.orphans or end is None or recovered.damaged_checkpoints:
+    # Orphans reclaimed and a checkpoint set aside are changes the log does not hold; with no
+    # log at all, the new one must start after a checkpoint.
+    beyond_log = bool(recovered.orphans or end is None or recovered.damaged_checkpoints)
+    if recovered.replayed and defer_checkpoint and not beyond_log:
+        recovered.checkpoint_due = True
+    elif recovered.replayed or beyond_log:
         write_checkpoint(storage, recovered.superblock.uuid, recovered.last_lsn,
                          recovered.state.to_snapshot())
         # As after any checkpoint: keep the log back to the previous checkpoint only (else
@@ -136,7 +161,8 @@ def recover(storage: Storage, *, salvage: bool = False) -> Recovered:
             delete_segments_upto(storage, checkpoints[-2][0])
     log.info("recovered", checkpoint_lsn=recovered.checkpoint_lsn, replayed=recovered.replayed,
              last_lsn=recovered.last_lsn, orphans_reclaimed=recovered.orphans,
-             inodes=len(recovered.state.inodes),
+             inodes=len(recovered.state.inodes), seconds=recovered.seconds,
+             checkpoint_due=recovered.checkpoint_due,
              torn_tail=end.reason if end is not None else None)
     return recovered
 
@@ -213,7 +239,8 @@ class RecoveryCoordinator:
         self.last_checkpoint_seconds = 0.0
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        recovered = await trio.to_thread.run_sync(recover, self._storage)
+        recovered = await trio.to_thread.run_sync(
+            functools.partial(recover, self._storage, defer_checkpoint=True))
         self._uuid = recovered.superblock.uuid
         blocks = BlockStore(self._storage)
         try:
@@ -239,15 +266,18 @@ class RecoveryCoordinator:
                                             allocator.clone(), blocks, status, recovered))
                 await allocator.aclose()
                 async with tree, wal:
-                    await self._serve(tree, wal)
+                    await self._serve(tree, wal, checkpoint_now=recovered.checkpoint_due)
         finally:
             blocks.close()
 
-    async def _serve(self, tree: Mailbox, wal: Mailbox) -> None:
+    async def _serve(self, tree: Mailbox, wal: Mailbox, *, checkpoint_now: bool) -> None:
+        """Serve the inbox; checkpoint when the log has grown enough, and at once if
+        ``checkpoint_now`` (recovery replayed records and left their checkpoint to us)."""
         async with self._inbox:
             # A deadline, not a quiet period: a monitor asking for stats more often than the
             # poll period would otherwise hold off checkpoints for as long as it kept asking.
-            next_check = trio.current_time() + self._tuning.checkpoint_poll
+            next_check = trio.current_time() + (0 if checkpoint_now
+                                                else self._tuning.checkpoint_poll)
             while True:
                 envelope = None
                 with trio.move_on_at(next_check):
@@ -262,7 +292,8 @@ class RecoveryCoordinator:
                     continue
                 next_check = trio.current_time() + self._tuning.checkpoint_poll
                 stats = (await wal.ask(m.WalStats())).value
-                if stats[4] >= self._tuning.checkpoint_bytes and not stats[5]:
+                if (checkpoint_now or stats[4] >= self._tuning.checkpoint_bytes) and not stats[5]:
+                    checkpoint_now = False
                     await self._checkpoint_or_failsafe(tree, wal)
         await self._checkpoint_or_failsafe(tree, wal)
 

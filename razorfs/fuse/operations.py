@@ -12,7 +12,6 @@ covering part of a block must read that block's current bytes and write them bac
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import stat
@@ -370,11 +369,10 @@ class Operations(pyfuse3.Operations):
             current = self._queries.getattr(inode)
             mode = current.mode if message.mode is None else message.mode
             if setgid_dropped(mode, current.gid, ctx.uid, ctx.gid, ctx.pid):
-                message = dataclasses.replace(message, mode=mode & ~stat.S_ISGID)
+                message = message._replace(mode=mode & ~stat.S_ISGID)
         if not fields.update_size:
             return entry_attributes((await self._change(message)).value)
-        return entry_attributes(await self._truncate(dataclasses.replace(message,
-                                                                         size=attr.st_size)))
+        return entry_attributes(await self._truncate(message._replace(size=attr.st_size)))
 
     async def _truncate(self, message: m.SetAttr) -> tuple:
         """SetAttr with a size, under the inode's data lock; return the new attributes."""
@@ -394,7 +392,7 @@ class Operations(pyfuse3.Operations):
                     block[size % BLOCK_SIZE :] = bytes(BLOCK_SIZE - size % BLOCK_SIZE)
                     extents, tail = await self._write_blocks(tail_lblk, block)
             try:
-                reply = await self._tree.ask(dataclasses.replace(message, tail=tail))
+                reply = await self._tree.ask(message._replace(tail=tail))
             except BaseException:
                 if extents:
                     await self._allocator.tell(m.Release(extents))

@@ -86,30 +86,28 @@ def scan_log(storage: Storage, uuid: bytes, after_lsn: int, *,
             return _finish(scan, after_lsn)
         expected = first_lsn
         offset = formats.SEGMENT_HEADER_SIZE
-        while True:
-            record = formats.decode_record(data, offset)
-            if record is None or record.lsn != expected:
-                if _is_clean_end(data, offset):
-                    reason = f"log ends at {path} offset {offset}"
-                    scan.discarded = _ensure_tail(contents[index : index + 1], 0, offset,
-                                                  _damaged_batch(scan), reason, salvage)
-                    if scan.discarded:
-                        scan.end = LogEnd(path, offset, reason)
-                        return _finish(scan, after_lsn)
-                    break
-                reason = (f"invalid record at {path} offset {offset}" if record is None
-                          else f"record at {path} offset {offset} has LSN {record.lsn}, "
-                               f"expected {expected}")
-                scan.discarded = _ensure_tail(contents, index, offset, _damaged_batch(scan),
-                                              reason, salvage)
+        run = formats.decode_records(data, offset, expected)
+        if run:
+            _take(scan, run, after_lsn)
+            expected = run[-1].lsn + 1
+            offset = run[-1].end
+        # The slot at ``offset`` is not the next record: the segment's end, or damage.
+        if _is_clean_end(data, offset):
+            reason = f"log ends at {path} offset {offset}"
+            scan.discarded = _ensure_tail(contents[index : index + 1], 0, offset,
+                                          _damaged_batch(scan), reason, salvage)
+            if scan.discarded:
                 scan.end = LogEnd(path, offset, reason)
                 return _finish(scan, after_lsn)
-            if record.lsn > after_lsn:
-                scan.records.append(record)
-            scan.last_batch = record.batch
-            scan.last_following = record.following
-            expected += 1
-            offset = record.end
+            continue
+        record = formats.decode_record(data, offset)
+        reason = (f"invalid record at {path} offset {offset}" if record is None
+                  else f"record at {path} offset {offset} has LSN {record.lsn}, "
+                       f"expected {expected}")
+        scan.discarded = _ensure_tail(contents, index, offset, _damaged_batch(scan), reason,
+                                      salvage)
+        scan.end = LogEnd(path, offset, reason)
+        return _finish(scan, after_lsn)
     if contents:
         scan.end = LogEnd(contents[-1][1], offset, None)
     return _finish(scan, after_lsn)
@@ -127,6 +125,16 @@ def delete_segments_upto(storage: Storage, upto: int) -> int:
     if removed:
         storage.fsync_dir(formats.WAL_DIR)
     return removed
+
+
+def _take(scan: LogScan, run: list[formats.Record], after_lsn: int) -> None:
+    """Add a run of consecutive records to the scan (those after ``after_lsn``)."""
+    if run[0].lsn > after_lsn:
+        scan.records.extend(run)
+    else:
+        scan.records.extend(record for record in run if record.lsn > after_lsn)
+    scan.last_batch = run[-1].batch
+    scan.last_following = run[-1].following
 
 
 def _has_records(data: bytes) -> bool:

@@ -98,6 +98,27 @@ async def test_orphan_is_reclaimed_at_recovery(disk):
         assert fs.recovered.orphans == 0 and fs.recovered.replayed == 0
 
 
+async def test_replayed_records_are_checkpointed_once_the_mount_serves(disk, autojump_clock):
+    """Recovery leaves the checkpoint of what it replayed to the coordinator, which takes it at
+    once (not at the next poll, nor only once the log has grown)."""
+    async with mounted(disk, commit_interval=30.0) as fs:
+        await populate(fs)
+        await fs.sync()
+        expected = await fs.dump()
+        crashed = disk.crash()
+    async with mounted(crashed, checkpoint_poll=3600.0) as fs:
+        assert fs.recovered.replayed > 0 and fs.recovered.checkpoint_due
+        await trio.sleep(1)
+        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        assert list_checkpoints(crashed)[-1][0] == fs.recovered.last_lsn
+        assert await fs.dump() == expected
+        crashed_again = crashed.crash()
+    async with mounted(crashed_again) as fs:
+        assert fs.recovered.replayed == 0 and not fs.recovered.checkpoint_due
+        assert await fs.dump() == expected
+    assert fsck.check(crashed_again).clean
+
+
 async def test_checkpoint_trims_the_log(disk):
     async with mounted(disk, segment_bytes=64 << 10, commit_interval=30.0) as fs:
         for i in range(12):  # ~20 KiB records: three to a segment

@@ -209,6 +209,31 @@ def test_recover_cuts_a_torn_tail_and_checkpoints_the_replayed_state(disk, super
     assert names(again.state) == {b"a", b"b"}
 
 
+def test_recover_can_leave_replayed_records_to_a_later_checkpoint(disk, superblock) -> None:
+    path = write_wal(disk, superblock.uuid, 1, [file_ops(2, b"a"), file_ops(3, b"b")],
+                     tail=b"torn!" * 8)
+    recovered = recover(disk, defer_checkpoint=True)
+    assert recovered.checkpoint_due and recovered.replayed == 2
+    assert recovery.list_checkpoints(disk) == [(0, formats.checkpoint_name(0))]
+    assert disk.read_file(path)[recovered.log_end.offset:] == b""  # the torn tail is cut all the same
+    again = load(disk)  # what the checkpoint would have held, replayed again
+    assert again.replayed == 2 and names(again.state) == {b"a", b"b"}
+    assert again.log_end.reason is None
+
+
+def test_recover_checkpoints_reclaimed_orphans_even_when_deferring(disk, superblock) -> None:
+    """A reclaimed orphan is a change the log does not hold: it must reach a checkpoint
+    before the mount, whatever the caller prefers."""
+    orphan = file_ops(2, b"gone") + [m.DropEntry(ROOT_INO, b"gone"),
+                                     m.PutInode(2, REG, 0, 0, 0, 0, 0, T0, T0, T0)]
+    write_wal(disk, superblock.uuid, 1, [orphan, file_ops(3, b"kept")])
+    recovered = recover(disk, defer_checkpoint=True)
+    assert recovered.orphans == 1 and not recovered.checkpoint_due
+    assert recovery.list_checkpoints(disk)[-1][0] == 2
+    again = load(disk)
+    assert (again.replayed, again.orphans) == (0, 0) and names(again.state) == {b"kept"}
+
+
 # ---- write_checkpoint ---------------------------------------------------------------------------
 
 

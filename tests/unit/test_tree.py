@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import stat
 
@@ -342,8 +341,7 @@ def sample(annotation: str, index: int):
 
 
 def filled(cls):
-    fields = dataclasses.fields(cls)
-    return cls(*(sample(f.type, i) for i, f in enumerate(fields)))
+    return cls(*(sample(cls.__annotations__[name], i) for i, name in enumerate(cls._fields)))
 
 
 @pytest.mark.parametrize("cls", m._ALL, ids=lambda cls: cls.__name__)
