@@ -470,6 +470,7 @@ _ALL = REDO_OPS + (
     BeginSnapshot, SnapshotChunk, AbortSnapshot,
 )
 _BY_TAG = {cls.TAG: cls for cls in _ALL}
+_REDO_BY_TAG = {cls.TAG: cls for cls in REDO_OPS}
 assert len(_BY_TAG) == len(_ALL), "duplicate message tag"
 
 
@@ -518,8 +519,17 @@ def decode_ops(payload: bytes) -> list:
         raise SchemaError(f"undecodable redo record: {exc}") from None
     if not isinstance(items, tuple):
         raise SchemaError("a redo record is an array of operations")
-    ops = [_from_list(item) for item in items]
-    for op in ops:
-        if not isinstance(op, REDO_OPS):
+    ops = []
+    for item in items:
+        # The common case inline (replay decodes a million records before a mount); anything
+        # else goes through _from_list for its precise error.
+        tag = item[0] if type(item) is tuple and item else None
+        cls = _REDO_BY_TAG.get(tag) if type(tag) is int else None
+        if cls is None:
+            op = _from_list(item)
             raise SchemaError(f"{type(op).__name__} is not a redo operation")
+        try:
+            ops.append(cls(*item[1:]))
+        except TypeError as exc:
+            raise SchemaError(f"bad fields for {cls.__name__}: {exc}") from None
     return ops
