@@ -28,7 +28,7 @@ from razorfs.actors.recovery import Handles
 from razorfs.errors import FsError
 from razorfs.fuse.errors import fuse_edge
 from razorfs.metrics import RequestMetrics
-from razorfs.storage.formats import BLOCK_SIZE, crc
+from razorfs.storage.formats import BLOCK_SIZE, block_crcs
 
 log = structlog.get_logger("razorfs.fuse")
 
@@ -182,8 +182,7 @@ def read_blocks(read_run, first: int, count: int, triples: tuple) -> bytes | byt
         data = read_run(first_pblk, length)
         if data is None:
             return None
-        view = memoryview(data)
-        actual = [crc(view[o : o + BLOCK_SIZE]) for o in range(0, len(data), BLOCK_SIZE)]
+        actual = block_crcs(data)
         if actual != list(triples[run_start + 2 : i : 3]):
             k = next(k for k, value in enumerate(actual) if value != triples[run_start + 3 * k + 2])
             raise ChecksumMismatch(first_lblk + k, first_pblk + k)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import threading
 
-from razorfs.storage.formats import BLOCK_SIZE, BLOCKS_PATH, crc
+from razorfs.storage.formats import BLOCK_SIZE, BLOCKS_PATH, block_crcs
 from razorfs.storage.interface import SpaceInfo, Storage
 
 
@@ -43,7 +43,7 @@ class BlockStore:
         with self._lock:
             # After the pwrite, not before: a commit that sees this generation must cover it.
             self._generation += 1
-        return [crc(view[i : i + BLOCK_SIZE]) for i in range(0, len(view), BLOCK_SIZE)]
+        return block_crcs(view)
 
     def read_run(self, first_pblk: int, count: int) -> bytes:
         data = self._file.pread(first_pblk * BLOCK_SIZE, count * BLOCK_SIZE)

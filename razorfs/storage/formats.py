@@ -114,6 +114,13 @@ def crc(data: bytes, value: int = 0) -> int:
     return _crc32c.crc32c(data, value)
 
 
+def block_crcs(data) -> list[int]:
+    """The CRC of each BLOCK_SIZE block of ``data`` (whole blocks), calling the C function
+    directly: 256 calls per MiB written or read."""
+    view, checksum = memoryview(data), _crc32c.crc32c
+    return [checksum(view[i : i + BLOCK_SIZE]) for i in range(0, len(view), BLOCK_SIZE)]
+
+
 class FormatError(Exception):
     """An on-disk structure is invalid; the message names what and where."""
 
