@@ -8,6 +8,7 @@ the tree manager, which closes the WAL writer (final commit), which closes the a
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import re
@@ -124,6 +125,16 @@ def _configure_logging(options: MountOptions, previous=None):
     return stream
 
 
+def _return_freed_heap() -> None:
+    """Hand the heap recovery freed (the checkpoint's bytes, the log read, temporary objects)
+    back to the kernel. glibc keeps freed memory for reuse, and after loading 200,000 inodes it
+    kept ~125 bytes per inode that the daemon would never use again (issue 5: RSS per inode).
+    A few ms; nothing to do with a C library that has no ``malloc_trim``."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
                  options: MountOptions, log_stream) -> None:
     coordinator, coordinator_inbox = open_mailbox()
@@ -136,6 +147,7 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
         # cycles: frozen out of the collector's sight, it is no longer walked by every full
         # collection, which held up all requests for up to a second on a big tree.
         gc.freeze()
+        _return_freed_heap()
         try:
             await _mount_and_serve(handles, coordinator, data_dir, mountpoint, options,
                                    log_stream)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import itertools
+import operator
 import stat
 import struct
 import sys
 from array import array
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from contextlib import contextmanager
+from types import MappingProxyType
 
 import msgpack
 
@@ -27,6 +30,9 @@ ROOT_INO = 1
 _BIG_ENDIAN = sys.byteorder == "big"  # checkpoints store extent maps little-endian
 _CRC_MASK = 0xFFFFFFFF
 _ONE_BLOCK = struct.Struct("<QQ")  # a one-block extent map in a checkpoint: lblk, packed
+# The extent map of every empty regular file (most files of a big tree), instead of an empty
+# dict each; read-only, so that a write meant for one file fails instead of reaching them all.
+_NO_EXTENTS = MappingProxyType({})
 
 
 @contextmanager
@@ -53,61 +59,104 @@ def name_cookie(name: bytes) -> int:
     return (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2) + 1
 
 
+def _times_shared(atime_ns: int, mtime_ns: int, ctime_ns: int) -> tuple[int, int, int]:
+    """The three timestamps, equal ones as one int object (40 bytes each otherwise): a file
+    created and never changed has the same three."""
+    if mtime_ns == atime_ns:
+        mtime_ns = atime_ns
+    if ctime_ns == mtime_ns:
+        ctime_ns = mtime_ns
+    elif ctime_ns == atime_ns:
+        ctime_ns = atime_ns
+    return atime_ns, mtime_ns, ctime_ns
+
+
 class Directory:
     """Entries of one directory, with readdir cookies that stay valid while it changes.
 
     A name's cookie is its hash (like ext4's htree order), so it does not depend on when the
     name was inserted: an entry replaced by a rename, or removed and created again, keeps its
     place, and a readdir that resumes after a cookie never returns a name twice. ``order``
-    holds the cookies sorted, so resuming is one bisect. Two names with the same hash (about
-    one chance in 2**31 for a directory of a million names) take the next free cookie.
+    holds the cookies sorted, so resuming is one bisect, and ``names_in_order`` the name of
+    each. Two names with the same hash (about one chance in 2**31 for a directory of a million
+    names) take the next free cookie; ``displaced`` keeps the cookie of such names, every other
+    name's cookie is recomputed when needed: a per-entry dict of cookies would cost more than
+    the rest of the entry.
+
+    ``hash_name`` is ``name_cookie`` but for tests, which give a hash with few values to make
+    names collide.
     """
 
-    __slots__ = ("names", "cookies", "by_cookie", "order")
+    __slots__ = ("names", "order", "names_in_order", "displaced", "hash_name")
 
-    def __init__(self) -> None:
+    def __init__(self, hash_name=None) -> None:
+        self.hash_name = hash_name or name_cookie
         self.names: dict[bytes, int] = {}
-        self.cookies: dict[bytes, int] = {}
-        self.by_cookie: dict[int, bytes] = {}
-        self.order: list[int] = []
+        # raw 64-bit cookies: an int object each would cost 36 bytes more per entry
+        self.order = array("Q")
+        self.names_in_order: list[bytes] = []
+        self.displaced: dict[bytes, int] | None = None
+
+    def cookie(self, name: bytes) -> int:
+        """The cookie of ``name``, an entry of this directory."""
+        if self.displaced is not None and name in self.displaced:
+            return self.displaced[name]
+        return self.hash_name(name)
 
     def put(self, name: bytes, ino: int) -> None:
         if name not in self.names:
-            cookie = name_cookie(name)
-            while cookie in self.by_cookie:
-                cookie += 1
-            self.cookies[name] = cookie
-            self.by_cookie[cookie] = name
-            insort(self.order, cookie)
+            order = self.order
+            cookie = self.hash_name(name)
+            position = bisect_left(order, cookie)
+            if position < len(order) and order[position] == cookie:
+                # taken: the next free one (taken cookies are consecutive in ``order``)
+                while position < len(order) and order[position] == cookie:
+                    cookie += 1
+                    position += 1
+                if self.displaced is None:
+                    self.displaced = {}
+                self.displaced[name] = cookie
+            order.insert(position, cookie)
+            # a slice assignment moves the tail with memmove, list.insert item by item (twice
+            # as long in a directory of 100,000 names)
+            self.names_in_order[position:position] = (name,)
         self.names[name] = ino
 
     def fill(self, entries) -> None:
-        """Add (name, ino) ``entries`` to an empty directory: ``put`` each, with the cookie
-        order sorted once at the end (loading a checkpoint)."""
-        names, cookies, by_cookie = self.names, self.cookies, self.by_cookie
+        """Add (name, ino) ``entries`` to an empty directory, as ``put`` of each in turn would.
+        A checkpoint lists them in cookie order, so unless two names collide their hashes
+        are the cookies already sorted: then no bisect or insert per entry (loading a
+        checkpoint)."""
+        names = self.names
+        names.update(entries)
+        if len(names) == len(entries):
+            in_order = list(names)
+            order = array("Q", map(self.hash_name, in_order))
+            if all(map(operator.lt, order, itertools.islice(order, 1, None))):
+                self.order, self.names_in_order = order, in_order
+                return
+        names.clear()
         for name, ino in entries:
-            if name not in names:
-                cookie = name_cookie(name)
-                while cookie in by_cookie:
-                    cookie += 1
-                cookies[name] = cookie
-                by_cookie[cookie] = name
-            names[name] = ino
-        self.order = sorted(by_cookie)
+            self.put(name, ino)
 
     def drop(self, name: bytes) -> None:
         del self.names[name]
-        cookie = self.cookies.pop(name)
-        del self.by_cookie[cookie]
-        del self.order[bisect_left(self.order, cookie)]
+        if self.displaced is not None and name in self.displaced:
+            cookie = self.displaced.pop(name)
+            if not self.displaced:
+                self.displaced = None
+        else:
+            cookie = self.hash_name(name)
+        position = bisect_left(self.order, cookie)
+        del self.order[position]
+        del self.names_in_order[position]
 
     def after(self, cookie: int):
         """(cookie, name, ino) of entries with a cookie greater than ``cookie``."""
-        order = self.order
+        order, names_in_order = self.order, self.names_in_order
         for position in range(bisect_right(order, cookie), len(order)):
-            current = order[position]
-            name = self.by_cookie[current]
-            yield current, name, self.names[name]
+            name = names_in_order[position]
+            yield order[position], name, self.names[name]
 
 
 class Inode:
@@ -120,7 +169,7 @@ class Inode:
         self.nlink = self.uid = self.gid = self.rdev = self.size = 0
         self.atime_ns = self.mtime_ns = self.ctime_ns = 0
         # lblk -> (pblk << 32) | crc32c of the block
-        self.blocks: dict[int, int] | None = {} if stat.S_ISREG(mode) else None
+        self.blocks: dict[int, int] | None = _NO_EXTENTS if stat.S_ISREG(mode) else None
         self.directory = Directory() if stat.S_ISDIR(mode) else None
         self.target = b""
         self.xattrs: dict[bytes, bytes] | None = None
@@ -155,6 +204,10 @@ class TreeState:
         # the checkpoint being captured, if any (``begin_capture``); apply keeps it exact
         self.capture: SnapshotCapture | None = None
         self._capture_ids = itertools.count(1)
+        # Attribute values repeated across millions of inodes (modes, owners, groups) as one
+        # int object each: a distinct int costs 32 bytes. Bounded, as owners are: values
+        # beyond are kept as they come (``_share``).
+        self.shared_values: dict[int, int] = {}
         # whether ``inodes`` iterates in inode number order (numbers only grow, so it does
         # unless an inode is created below another): a capture then need not sort them
         self.numbers_in_order = True
@@ -172,6 +225,16 @@ class TreeState:
         if inode is None:
             raise KeyError(ino)
         return inode
+
+    SHARED_VALUES_MAX = 4096
+
+    def _share(self, value: int) -> int:
+        shared = self.shared_values.get(value)
+        if shared is None:
+            shared = value
+            if len(self.shared_values) < self.SHARED_VALUES_MAX:
+                self.shared_values[value] = value
+        return shared
 
     # ---- the only mutation path ----
 
@@ -198,8 +261,12 @@ class TreeState:
             self.next_ino = max(self.next_ino, op.ino + 1)
         elif stat.S_IFMT(inode.mode) != stat.S_IFMT(op.mode):
             raise ReplayError(f"inode {op.ino} cannot change type")
-        for name in _PUT_FIELDS[1:]:
-            setattr(inode, name, getattr(op, name))
+        share = self._share
+        inode.mode, inode.nlink, inode.uid, inode.gid = (share(op.mode), op.nlink,
+                                                         share(op.uid), share(op.gid))
+        inode.rdev, inode.size = op.rdev, op.size
+        inode.atime_ns, inode.mtime_ns, inode.ctime_ns = _times_shared(
+            op.atime_ns, op.mtime_ns, op.ctime_ns)
         return []
 
     def _drop_inode(self, op: m.DropInode) -> list[int]:
@@ -211,7 +278,8 @@ class TreeState:
 
     def _put_entry(self, op: m.PutEntry) -> list[int]:
         child = self.inodes[op.ino]
-        self.inodes[op.parent].directory.put(op.name, op.ino)
+        # the child's own number object (the op's would cost 32 bytes more per entry)
+        self.inodes[op.parent].directory.put(op.name, child.ino)
         if child.is_dir:
             child.parent = op.parent
         return []
@@ -225,10 +293,13 @@ class TreeState:
         return []
 
     def _put_blocks(self, op: m.PutBlocks) -> list[int]:
-        blocks = self.inodes[op.ino].blocks
+        inode = self.inodes[op.ino]
+        blocks = inode.blocks
         flat = op.blocks
         if len(flat) % 3:
             raise ValueError("PutBlocks needs (lblk, pblk, crc) triples")
+        if blocks is _NO_EXTENTS and flat:
+            blocks = inode.blocks = {}
         freed = []
         for i in range(0, len(flat), 3):
             old = blocks.get(flat[i])
@@ -238,9 +309,13 @@ class TreeState:
         return freed
 
     def _truncate_blocks(self, op: m.TruncateBlocks) -> list[int]:
-        blocks = self.inodes[op.ino].blocks
+        inode = self.inodes[op.ino]
+        blocks = inode.blocks
         dropped = [lblk for lblk in blocks if lblk >= op.first_dropped]
-        return [blocks.pop(lblk) >> 32 for lblk in dropped]
+        freed = [blocks.pop(lblk) >> 32 for lblk in dropped]
+        if not blocks:
+            inode.blocks = _NO_EXTENTS
+        return freed
 
     def _put_xattr(self, op: m.PutXattr) -> list[int]:
         inode = self.inodes[op.ino]
@@ -287,26 +362,68 @@ class TreeState:
     def from_snapshot(cls, body: bytes) -> TreeState:
         """The state a checkpoint body holds. Written for speed (it is most of the mount time of
         a big filesystem): inodes are built without ``Inode.__init__``'s defaults, one-block
-        files without an array, and each directory's cookie order is sorted once instead of
-        kept sorted entry by entry."""
+        files without an array, and each directory's cookies are computed once per entry,
+        already sorted.
+
+        Records are unpacked one at a time, not the whole body at once: the temporary objects
+        of a record (its tuples, repeated values) are then freed in time for the next record to
+        reuse their memory, instead of leaving holes between the objects the state keeps, which
+        the process would hold for good (340 bytes per inode at a million, a third of the total).
+        They are read from the body a megabyte at a time, not from a whole copy of it: once the
+        checkpoint file's bytes are freed, glibc puts a block that big in its heap, and the copy
+        would leave a hole there that the process keeps (60 bytes per inode at 200,000)."""
+        limit = max(len(body), 1)  # no part of the body is longer than the body
+        unpacker = msgpack.Unpacker(io.BytesIO(body), read_size=min(1 << 20, limit),
+                                    max_buffer_size=limit, raw=False, use_list=False,
+                                    strict_map_key=False)
         with collector_paused():
-            state = cls._from_records(*msgpack.unpackb(body, raw=False, use_list=False,
-                                                       strict_map_key=False))
+            try:
+                if unpacker.read_array_header() != 2:
+                    raise ValueError("a checkpoint body is a 2-array")
+                next_ino = unpacker.unpack()
+                count = unpacker.read_array_header()
+            except msgpack.OutOfData:
+                raise ValueError("checkpoint body truncated in its head") from None
+            state, loaded = cls._from_records(next_ino, itertools.islice(unpacker, count))
+            if loaded != count or unpacker.tell() != len(body):
+                raise ValueError(f"checkpoint body of {count} records: {loaded} read, then "
+                                 f"{len(body) - unpacker.tell()} bytes left")
+            state.inodes[ROOT_INO].parent = ROOT_INO
             numbers = list(state.inodes)  # records are by number since issue 5; check
             state.numbers_in_order = numbers == sorted(numbers)
             return state
 
     @classmethod
-    def _from_records(cls, next_ino: int, records) -> TreeState:
+    def _from_records(cls, next_ino: int, records) -> tuple[TreeState, int]:
+        """The state, and how many records there were."""
         state = cls()
         inodes = state.inodes
         new_inode = Inode.__new__
         directories = []
         one_block = _ONE_BLOCK.unpack
+        # as _share does, without its bound: for the load only (and a C call per value)
+        shared = state.shared_values.setdefault
+        # The number object of each entry read so far, for the record of its inode to use: two
+        # objects of one number would cost 32 bytes, and the record's, dropped right away, leaves
+        # no hole between kept objects as the entry's would later. A directory's record usually
+        # comes before its children's (it was created first, numbers only grow); when not, the
+        # child keeps its own object.
+        entry_numbers: dict[int, int] = {}
+        loaded = 0
         for ino, mode, nlink, uid, gid, rdev, size, atime, mtime, ctime, content, xattrs in records:
+            loaded += 1
+            ino = entry_numbers.pop(ino, ino)
             inode = new_inode(Inode)
-            inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid = ino, mode, nlink, uid, gid
+            inode.ino, inode.mode, inode.nlink = ino, shared(mode, mode), nlink
+            inode.uid, inode.gid = shared(uid, uid), shared(gid, gid)
             inode.rdev, inode.size = rdev, size
+            # _times_shared, inline: a call per record costs 0.1 s at a million inodes
+            if mtime == atime:
+                mtime = atime
+            if ctime == mtime:
+                ctime = mtime
+            elif ctime == atime:
+                ctime = atime
             inode.atime_ns, inode.mtime_ns, inode.ctime_ns = atime, mtime, ctime
             inode.xattrs = dict(xattrs) if xattrs else None
             inode.parent = inode.lookups = 0
@@ -315,7 +432,10 @@ class TreeState:
             kind = stat.S_IFMT(mode)
             if kind == stat.S_IFDIR:
                 inode.directory = Directory()
-                directories.append((inode, content))
+                inode.directory.fill(content)
+                directories.append(inode)
+                children = inode.directory.names.values()
+                entry_numbers.update(zip(children, children))
             elif kind == stat.S_IFREG:
                 if len(content) == _ONE_BLOCK.size:
                     lblk, packed = one_block(content)
@@ -327,19 +447,17 @@ class TreeState:
                         flat.byteswap()
                     inode.blocks = dict(zip(flat[0::2], flat[1::2]))
                 else:
-                    inode.blocks = {}
+                    inode.blocks = _NO_EXTENTS
             else:
                 inode.target = content
             inodes[ino] = inode
-        for inode, content in directories:
-            inode.directory.fill(content)
-            for _, child in content:
+        for inode in directories:
+            for child in inode.directory.names.values():
                 child_inode = inodes.get(child)  # fsck reports dangling entries
                 if child_inode is not None and child_inode.directory is not None:
                     child_inode.parent = inode.ino
-        inodes[ROOT_INO].parent = ROOT_INO
         state.next_ino = next_ino
-        return state
+        return state, loaded
 
     def used_blocks(self):
         """(pblk, ino, lblk, crc) of every mapped block."""
@@ -401,8 +519,8 @@ def _body_head(pack, next_ino: int, count: int) -> bytes:
     return b"\x92" + pack(next_ino) + _array_header(count)
 
 
-def _entries(directory: Directory, cookies) -> list[tuple[bytes, int]]:
-    names = list(map(directory.by_cookie.__getitem__, cookies))
+def _entries(directory: Directory) -> list[tuple[bytes, int]]:
+    names = directory.names_in_order
     return list(zip(names, map(directory.names.__getitem__, names)))
 
 
@@ -431,7 +549,7 @@ def _attributes(inode: Inode) -> tuple:
 
 def _record(inode: Inode) -> tuple:
     if inode.directory is not None:
-        content = _entries(inode.directory, inode.directory.order)
+        content = _entries(inode.directory)
     elif inode.blocks is not None:
         blocks = inode.blocks
         content = (_ONE_BLOCK.pack(*next(iter(blocks.items()))) if len(blocks) == 1
@@ -452,7 +570,9 @@ def _frozen_copy(inode: Inode) -> Inode:
     copy.target = inode.target
     copy.parent = copy.lookups = 0
     copy.xattrs = None if inode.xattrs is None else dict(inode.xattrs)
-    copy.blocks = None if inode.blocks is None else dict(inode.blocks)
+    blocks = inode.blocks
+    # the shared empty map cannot change: no copy (an empty dict of the file's own can)
+    copy.blocks = blocks if blocks is None or blocks is _NO_EXTENTS else dict(blocks)
     copy.directory = inode.directory
     return copy
 
@@ -519,7 +639,7 @@ class SnapshotCapture:
                     if op.name not in prior:
                         ino = directory.directory.names.get(op.name)
                         prior[op.name] = (None if ino is None
-                                          else (ino, directory.directory.cookies[op.name]))
+                                          else (ino, directory.directory.cookie(op.name)))
         elif self.low <= op.ino < self.end and op.ino not in self.saved:
             inode = self._state.inodes.get(op.ino)
             if inode is not None:
@@ -616,7 +736,8 @@ class SnapshotCapture:
         # a changed directory costs about twice as much per entry: half the slice
         cookies = order[start:start + self._budget * self.ENTRIES_PER_UNIT // (1 + bool(prior))]
         more = start + len(cookies) < len(order)
-        names, children = list(map(directory.by_cookie.__getitem__, cookies)), directory.names
+        names = directory.names_in_order[start:start + len(cookies)]
+        children = directory.names
         if not prior:
             return list(zip(names, map(children.__getitem__, names))), cookies[-1] if more else None
         upper = cookies[-1] if more else 1 << 64
