@@ -58,6 +58,7 @@ async def test_requests_are_served_between_chunks_and_the_checkpoint_is_exact(
 
         served_during_capture = []
         checkpoint_lsn = None
+        created = 0
 
         async def checkpoint():
             nonlocal checkpoint_lsn
@@ -76,8 +77,11 @@ async def test_requests_are_served_between_chunks_and_the_checkpoint_is_exact(
                 elif action == 2:
                     lsn = await fs.truncate(ino, rng.randrange(BLOCK_SIZE))
                 elif action == 3:
-                    lsn = (await fs.call(m.MakeNode(parent, b"new-%d" % rng.randrange(1 << 30),
-                                                    FILE, 0, 0, 0))).lsn
+                    # a counter, not a random number: a slow machine makes thousands of
+                    # these while the checkpoint runs, and random names then collide
+                    created += 1
+                    lsn = (await fs.call(m.MakeNode(parent, b"new-%d" % created, FILE, 0, 0,
+                                                    0))).lsn
                 elif action == 4 and in_root:
                     name = in_root.pop(rng.randrange(len(in_root)))
                     lsn = (await fs.call(m.Remove(ROOT, name, False))).lsn
