@@ -101,13 +101,15 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
     loaded = time.perf_counter()
     scan = scan_log(storage, superblock.uuid, checkpoint_lsn, salvage=salvage)
     scanned = time.perf_counter()
-    for done, record in enumerate(scan.records, 1):
-        if done % REPLAY_PROGRESS_EVERY == 0:
-            log.info("replaying WAL", replayed=done, total=len(scan.records))
+    records, decode, apply = scan.records, m.decode_ops, state.apply
+    for start in range(0, len(records), REPLAY_PROGRESS_EVERY):
+        if start:
+            log.info("replaying WAL", replayed=start, total=len(records))
+        # One try per slice, not per record: the loop body is most of a replay's time.
         try:
-            ops = m.decode_ops(record.payload)
-            for op in ops:
-                state.apply(op)
+            for record in records[start : start + REPLAY_PROGRESS_EVERY]:
+                for op in decode(record.payload):
+                    apply(op)
         except Exception as exc:
             raise FormatError(
                 f"WAL record LSN {record.lsn} at offset {record.offset} cannot be replayed: {exc}"
