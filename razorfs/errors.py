@@ -18,5 +18,12 @@ class FsError(Exception):
         return f"[{errno.errorcode.get(self.errno, self.errno)}] {self.message}"
 
 
+class NoSuchEntry(FsError):
+    """ENOENT for a name a directory does not hold (the FUSE layer lets the kernel cache it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOENT, message)
+
+
 class UsageError(Exception):
     """Bad input to a command (missing data directory, not razorfs, locked...): exit status 2."""

@@ -21,7 +21,7 @@ import trio
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, handle_envelope
 from razorfs.actors.wal_writer import WalStatus
-from razorfs.errors import FsError
+from razorfs.errors import FsError, NoSuchEntry
 from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.tree import ROOT_INO, Inode, TreeState
 
@@ -79,7 +79,7 @@ class TreeQueries:
         _check_name(name)
         ino = parent.directory.names.get(name)
         if ino is None:
-            raise FsError(errno.ENOENT, f"no entry {name!r} in directory {parent.ino}")
+            raise NoSuchEntry(f"no entry {name!r} in directory {parent.ino}")
         return self._state.inodes[ino]
 
     def lookup(self, parent_ino: int, name: bytes) -> m.Attr:

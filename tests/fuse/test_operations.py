@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
 import os
 import stat
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -526,3 +529,59 @@ def test_fsync_fdatasync_fsyncdir(mount):
             os.close(dfd)
     os.sync()
     assert read_file(path) == b"durable"
+
+
+def request_counts(mount) -> dict[str, int]:
+    stats = json.loads(subprocess.run([sys.executable, "-m", "razorfs", "stats", "--json",
+                                       str(mount.path)], capture_output=True, check=True,
+                                      text=True).stdout)
+    return {op: value["count"] for op, value in stats["requests"]["ops"].items()}
+
+
+def test_missing_names_are_cached_and_every_way_of_making_them_is_seen(mount):
+    """The kernel caches a lookup that found nothing (for up to a second); each way a name can
+    come to exist through the mount must still be seen at once."""
+    root = mount.path
+    os.mkdir(root / "d")
+    write_file(root / "source", b"s")
+    makers = {
+        "created": lambda path: write_file(path, b"c"),
+        "made_dir": os.mkdir,
+        "linked": lambda path: os.link(root / "source", path),
+        "symlinked": lambda path: os.symlink("source", path),
+        "renamed": lambda path: (write_file(root / "d" / "tmp", b"r"),
+                                 os.rename(root / "d" / "tmp", path)),
+        "renamed_noreplace": lambda path: (write_file(root / "d" / "other", b"x"),
+                                   renameat2(root / "d" / "other", path, RENAME_NOREPLACE)),
+        "fifo": lambda path: os.mkfifo(path),
+    }
+    for name in makers:
+        raises_errno(errno.ENOENT, os.lstat, root / "d" / name)
+    before = request_counts(mount)
+    for name in makers:
+        raises_errno(errno.ENOENT, os.lstat, root / "d" / name)
+    after = request_counts(mount)
+    assert after.get("lookup", 0) == before.get("lookup", 0), "absences were not cached"
+    for name, make in makers.items():
+        make(root / "d" / name)
+        assert os.lstat(root / "d" / name), name
+    assert sorted(os.listdir(root / "d")) == sorted(makers)
+    # and the other way: a name removed is gone at once, in every way
+    os.unlink(root / "d" / "created")
+    os.rmdir(root / "d" / "made_dir")
+    os.rename(root / "d" / "linked", root / "d" / "moved")
+    for name in ("created", "made_dir", "linked"):
+        raises_errno(errno.ENOENT, os.lstat, root / "d" / name)
+
+
+def test_close_sends_no_flush(mount):
+    """FLUSH has nothing to do here, and answering ENOSYS once stops the kernel sending it."""
+    for i in range(3):
+        write_file(mount.path / f"f{i}", b"x")
+    before = request_counts(mount)
+    for i in range(20):
+        write_file(mount.path / f"g{i}", b"y")
+        assert read_file(mount.path / f"g{i}") == b"y"
+    after = request_counts(mount)
+    assert after["release"] - before.get("release", 0) == 40
+    assert after.get("flush", 0) == before.get("flush", 0) <= 1
