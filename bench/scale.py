@@ -20,9 +20,9 @@ Phases, on one data directory:
      and no path is stat'ed twice in a round, so every stat is a lookup that reaches the
      daemon. Then `razorfs umount` (final checkpoint), timed.
   B  `razorfs mount` timed until the mount answers (recovery = load the checkpoint; no WAL).
-     Mounted with a huge checkpoint threshold so that phase B never checkpoints. Cold stat
-     latency again (N files, a fresh daemon: not just after the creation). big/ listed
-     cold (os.listdir, then os.scandir). A stat walk of every file (listdir + os.stat, worker
+     Mounted with huge checkpoint thresholds (bytes and records) so that phase B never
+     checkpoints. Cold stat latency again (N files, a fresh daemon: not just after the
+     creation). big/ listed cold (os.listdir, then os.scandir). A stat walk of every file (listdir + os.stat, worker
      processes). Daemon VmRSS (/proc/PID/status) minus the empty mount's, per inode. Then
      --wal-records cheap changes (os.utime on open files, worker processes: one setattr = one
      WAL record each), committed, then kill -9 of the daemon (no checkpoint ever written in B)
@@ -67,7 +67,8 @@ import run as bench  # bench/run.py: log, RazorMount, machine_info, razorfs_vers
 DEFAULT_JSON = os.path.join(bench.BENCH_DIR, "results", "scale.json")
 DEFAULT_WORKDIR = "/var/tmp/razorfs-scale"
 MILESTONES = (1_000, 10_000, 100_000, 1_000_000)
-HUGE_CHECKPOINT_BYTES = 1 << 50  # phase B: never checkpoint
+# phase B never checkpoints
+NEVER_CHECKPOINT = ("--checkpoint-bytes", str(1 << 50), "--checkpoint-records", str(1 << 50))
 CREATE_TASK = 250  # files per creation task
 WAL_TASK_FILES, WAL_TASK_REPEATS = 500, 20  # one utime task: 500 open files x 20 rounds
 
@@ -810,7 +811,7 @@ def main() -> int:
         log(f"  umount: {results['umount_after_create']:.2f} s")
 
         phase("B: clean mount, listing, stat walk, RSS, WAL records, kill -9")
-        clean = mount.recovery(mount.mount("--checkpoint-bytes", str(HUGE_CHECKPOINT_BYTES)))
+        clean = mount.recovery(mount.mount(*NEVER_CHECKPOINT))
         results["mount_clean"] = clean
         log(f"  mount: {clean['seconds']:.2f} s (daemon start to recovered "
             f"{clean['daemon_start_to_recovered']} s, {clean['inodes']} inodes, replayed "

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     # benchmarks only (bench/scale.py): WAL bytes that trigger a checkpoint (default 64 MiB)
     mount.add_argument("--checkpoint-bytes", type=int, help=argparse.SUPPRESS)
+    # benchmarks only: WAL records that trigger a checkpoint (default 250,000)
+    mount.add_argument("--checkpoint-records", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to finish")
     umount.add_argument("mountpoint")
@@ -101,7 +103,7 @@ def _mount(args) -> int:
         sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
         ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file,
         read_only=args.read_only, noatime=args.noatime, metrics=args.metrics,
-        checkpoint_bytes=args.checkpoint_bytes)
+        checkpoint_bytes=args.checkpoint_bytes, checkpoint_records=args.checkpoint_records)
     return daemon.run(options)
 
 
@@ -123,6 +125,8 @@ def _mount_in_background(args) -> int:
         command += ["--metrics", args.metrics]
     if args.checkpoint_bytes is not None:
         command += ["--checkpoint-bytes", str(args.checkpoint_bytes)]
+    if args.checkpoint_records is not None:
+        command += ["--checkpoint-records", str(args.checkpoint_records)]
     with open(log_file, "ab") as log_stream:
         log_start = log_stream.tell()
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log_stream:

@@ -50,6 +50,7 @@ class MountOptions:
     noatime: bool = False
     metrics: str | None = None  # ADDRESS:PORT of an opt-in Prometheus endpoint
     checkpoint_bytes: int | None = None  # benchmarks only: None = Tuning's default
+    checkpoint_records: int | None = None  # benchmarks only: None = Tuning's default
 
 
 def mount_source(data_dir: str) -> str:
@@ -139,7 +140,8 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
                  options: MountOptions, log_stream) -> None:
     coordinator, coordinator_inbox = open_mailbox()
     tuning = Tuning(commit_interval=options.commit_interval,
-                    checkpoint_bytes=options.checkpoint_bytes or Tuning.checkpoint_bytes)
+                    checkpoint_bytes=options.checkpoint_bytes or Tuning.checkpoint_bytes,
+                    checkpoint_records=options.checkpoint_records or Tuning.checkpoint_records)
     async with trio.open_nursery() as actors:
         notify_systemd("STATUS=recovering")
         handles = await actors.start(RecoveryCoordinator(coordinator_inbox, storage, tuning).run)

@@ -8,7 +8,7 @@ import trio
 
 from razorfs import fsck
 from razorfs.actors import messages as m
-from razorfs.actors.recovery import list_checkpoints
+from razorfs.actors.recovery import list_checkpoints, load
 from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.storage.wal import list_segments
 
@@ -239,6 +239,32 @@ async def test_log_growth_triggers_a_checkpoint(disk, autojump_clock):
         assert (await fs.wal_stats()).bytes_since_trim == 0
         await trio.sleep(10)  # nothing new logged: no more checkpoints
         assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+
+
+async def test_record_count_triggers_a_checkpoint_and_bounds_the_replay(disk, autojump_clock):
+    """Many small records, far below the byte trigger: the record trigger alone checkpoints,
+    so a crash afterwards replays only what came after that checkpoint."""
+    async with mounted(disk, checkpoint_records=50, checkpoint_poll=2.0) as fs:
+        first = await fs.sync()
+        f = await fs.create(b"f")
+        for i in range(first + 49 - await fs.sync()):  # one record each
+            await fs.call(m.SetXattr(f.ino, b"user.x", b"%d" % i))
+        assert await fs.sync() == first + 49
+        await trio.sleep(2.5)
+        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 0  # 49 records
+        await fs.call(m.SetXattr(f.ino, b"user.x", b"last"))
+        lsn = await fs.sync()
+        await trio.sleep(2.5)
+        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        assert list_checkpoints(disk)[-1][0] == lsn
+        for i in range(3):
+            await fs.call(m.SetXattr(f.ino, b"user.y", b"%d" % i))
+        await fs.sync()
+        await trio.sleep(10)  # 3 records since the checkpoint: no other
+        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        crashed = disk.crash()
+    recovered = load(crashed)
+    assert (recovered.checkpoint_lsn, recovered.replayed) == (lsn, 3)
 
 
 @pytest.mark.logs_errors
