@@ -221,9 +221,9 @@ class Tuning:
     commit_interval: float = 1.0
     checkpoint_bytes: int = 64 << 20
     # Records logged since the newest checkpoint that trigger the next one. This bounds what a
-    # crash leaves to replay, so the mount after it: at about 6 µs per small record to scan and
-    # replay, 250,000 records add 1.5-2.5 s to loading the checkpoint (64 MiB of small
-    # records, the byte trigger alone, is 870,000 of them: 5-8 s).
+    # crash leaves to replay, so the mount after it: scanning and replaying 275,000 small
+    # records took 1.2-2.1 s on top of loading a 1M-inode checkpoint, 870,000 (64 MiB, the byte
+    # trigger alone) 3.6-3.8 s (bench/crash_mount.py, docs/PERFORMANCE.md).
     checkpoint_records: int = 250_000
     checkpoint_poll: float = 2.0
     segment_bytes: int = WalWriter.SEGMENT_BYTES
