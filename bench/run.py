@@ -44,17 +44,24 @@ per-repetition values): how much aggregate durable throughput 8 writers get over
 razorfs counters: `razorfs stats MOUNT --json` is read before and after every razorfs probe; the
 deltas of wal.commits, wal.records and wal.fsyncs give records per group commit and disk fsyncs
 per committed transaction (WAL record), the request counts give FUSE requests per probe; with
-the daemon's CPU time from /proc/PID/stat, daemon CPU per second and per request. The table after
-the results shows them per probe (rand_fsync_8 is the group-commit probe the issue asks about).
+the daemon's CPU time from /proc/PID/stat, daemon CPU per second and per request, and from
+/proc/PID/task/PID/stat the main (trio) thread's CPU per second: that thread serves every
+request, so 1.00 there means requests queue behind Python. The table after the results shows
+them per probe (rand_fsync_8 is the group-commit probe the issue asks about).
 
 Targets (issue 5, ratios razorfs/plain on the same machine): fio_seq_write >= 0.8,
 fio_seq_read >= 0.8, fio_randwrite_4 >= 0.5, fs_mark_nosync >= 0.25, dbench >= 0.1, and
 group_commit_8v1 >= 4 on razorfs itself.
 
---profile PROBE[,PROBE] runs `py-spy record -f raw --idle --threads --nonblocking` on the razorfs
+--profile PROBE[,PROBE] runs `py-spy record -f raw --threads` on the razorfs
 daemon (pid from DATA_DIR/lock) for the duration of those probes (razorfs side only) and prints
 samples by category (trio loop, pyfuse3, msgpack, structlog, fsync...) for the trio thread and
-the worker threads; raw files go to --profile-dir (default bench/results/profiles).
+the worker threads; raw files go to --profile-dir (default bench/results/profiles). Only the
+samples py-spy counts as active are kept, and shares are of those; the busy share of the main
+thread comes from the /proc column, not from py-spy: with `--idle --nonblocking` (sessions 1-4)
+py-spy put 70-89% of a single fsync writer's main-thread samples in epoll.poll while /proc
+showed that thread 75% busy, and even without them it attributes some waiting for the GIL to
+epoll.poll.
 py-spy: `.venv/bin/pip install py-spy`.
 
 Exit status 0, or 1 if a probe failed (each failure is printed; the other probes still run).
@@ -400,15 +407,18 @@ class RazorMount:
             return None
         return int(text) if text.isdigit() else None
 
-    def daemon_cpu_seconds(self) -> float | None:
-        """utime + stime of the daemon (all its threads), from /proc."""
+    def daemon_cpu_seconds(self) -> tuple[float, float] | None:
+        """utime + stime of the daemon, (all its threads, its main trio thread), from /proc."""
         pid = self.daemon_pid()
-        try:
-            with open(f"/proc/{pid}/stat") as stat_file:
-                fields = stat_file.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds = []
+        for path in (f"/proc/{pid}/stat", f"/proc/{pid}/task/{pid}/stat"):
+            try:
+                with open(path) as stat_file:
+                    fields = stat_file.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                return None
+            seconds.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return seconds[0], seconds[1]
 
     def stats(self) -> dict | None:
         result = subprocess.run([sys.executable, "-m", "razorfs", "stats", self.path, "--json"],
@@ -520,8 +530,7 @@ class Profiler:
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"{probe}-rep{repetition + 1}.txt")
         self._process = subprocess.Popen(
-            [self.py_spy, "record", "-p", str(pid), "-o", path, "-f", "raw", "--idle",
-             "--threads", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [self.py_spy, "record", "-p", str(pid), "-o", path, "-f", "raw", "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.files[probe].append(path)
         time.sleep(0.5)  # py-spy attaches
 
@@ -580,9 +589,11 @@ def run_suite(target, steps, args, tools: Tools, repetition: int,
                         for op, row in after["requests"]["ops"].items()
                         if row["count"] != ops_before.get(op, {}).get("count", 0)}
                     if cpu_before is not None and cpu_after is not None and seconds[name]:
-                        cpu = cpu_after - cpu_before
+                        cpu = cpu_after[0] - cpu_before[0]
                         # daemon CPU time / wall time of the probe: 1.0 = one core saturated
                         counters[name]["daemon_cpu"] = round(cpu / seconds[name], 3)
+                        counters[name]["main_thread_cpu"] = round(
+                            (cpu_after[1] - cpu_before[1]) / seconds[name], 3)
                         if requests:
                             counters[name]["cpu_us_per_request"] = round(cpu / requests * 1e6, 1)
             if name in results:
@@ -635,7 +646,7 @@ def summarise(runs: dict[str, list[dict]], repeat: int) -> dict:
             continue
         row = {key: statistics.median(d[key] for d in deltas)
                for key in ("commits", "records", "fsyncs")}
-        for key in ("requests", "daemon_cpu", "cpu_us_per_request"):
+        for key in ("requests", "daemon_cpu", "main_thread_cpu", "cpu_us_per_request"):
             values = [d[key] for d in deltas if key in d]
             if values:
                 row[key] = statistics.median(values)
@@ -685,7 +696,7 @@ def format_counters(summary: dict) -> str:
     lines = ["razorfs WAL counters per probe (deltas of `razorfs stats --json`, medians):",
              f"{'probe':<18}{'commits':>9}{'records':>9}{'fsyncs':>9}{'rec/commit':>12}"
              f"{'fsync/txn':>11}{'fsync/commit':>14}{'requests':>10}{'daemon CPU':>12}"
-             f"{'us CPU/req':>12}"]
+             f"{'main thread':>12}{'us CPU/req':>12}"]
     for probe, row in counters.items():
         def number(key, digits):
             value = row.get(key)
@@ -697,10 +708,12 @@ def format_counters(summary: dict) -> str:
                      f"{row['fsyncs']:>9.0f}{number('records_per_commit', 2):>12}"
                      f"{number('fsyncs_per_transaction', 3):>11}"
                      f"{number('fsyncs_per_commit', 2):>14}{plain('requests', 0):>10}"
-                     f"{plain('daemon_cpu', 2):>12}{plain('cpu_us_per_request', 0):>12}")
+                     f"{plain('daemon_cpu', 2):>12}{plain('main_thread_cpu', 2):>12}"
+                     f"{plain('cpu_us_per_request', 0):>12}")
     lines.append("(fsync/txn: disk fsyncs per committed transaction (WAL record); requests: FUSE "
                  "requests served; daemon CPU: CPU seconds of the daemon per second of the probe, "
-                 "1.00 = one core; us CPU/req: daemon CPU microseconds per FUSE request)")
+                 "1.00 = one core; main thread: the same for the trio thread alone, which serves every "
+                 "request; us CPU/req: daemon CPU microseconds per FUSE request)")
     eight = counters.get("rand_fsync_8")
     if eight and "records_per_commit" in eight:
         lines.append(f"group commit, 8 writers: {eight['records_per_commit']:.2f} records per "
@@ -714,7 +727,7 @@ def profile_category(frames: list[str]) -> str:
     """A coarse bucket for one py-spy stack, by its innermost frame."""
     leaf = frames[-1]
     buckets = [
-        ("idle: trio loop waiting in epoll", ("get_events",)),
+        ("trio loop in epoll.poll: waiting, or retaking the GIL", ("get_events",)),
         ("idle: worker thread waiting for a job", ("WorkerThread._work",)),
         ("fsync (block store / WAL segment)", ("RealFile.fsync",)),
         ("pwrite", ("RealFile.pwrite",)),
@@ -909,8 +922,8 @@ def main() -> int:
         for probe, paths in profiler.files.items():
             profiles[probe] = summarise_profile(paths)
             profile = profiles[probe]
-            print(f"\npy-spy of the daemon during {probe} ({profile['samples']} samples, "
-                  f"idle included; files {', '.join(paths)}):")
+            print(f"\npy-spy of the daemon during {probe} ({profile['samples']} active samples; "
+                  f"busy shares are the 'main thread' column above; files {', '.join(paths)}):")
             print("  samples by thread: " + ", ".join(f"{name} {count}"
                                                       for name, count in profile["threads"][:6]))
             for group in ("main", "workers"):

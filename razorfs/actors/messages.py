@@ -351,12 +351,6 @@ class FreeAfter:
 
 
 @_message
-class DurableUpTo:
-    TAG: ClassVar[int] = 83
-    lsn: int
-
-
-@_message
 class SpaceStats:
     """Reply (blocks in use, free blocks inside the store, blocks waiting for a durable free)."""
 
@@ -464,7 +458,7 @@ _ALL = REDO_OPS + (
     Lookup, GetAttr, SetAttr, MakeNode, Remove, Rename, Link, ReadLink, ReadDir, Forget,
     GetXattr, ListXattr, SetXattr, RemoveXattr, MapBlocks, CommitWrite, SyncPoint, TakeSnapshot,
     TreeStats, EnterFailsafe, Accessed,
-    Allocate, Release, FreeAfter, DurableUpTo, SpaceStats,
+    Allocate, Release, FreeAfter, SpaceStats,
     Append, WaitDurable, TrimLog, WalStats, Checkpoint, CheckpointStats,
     Ok, Failed,
     BeginSnapshot, SnapshotChunk, AbortSnapshot,

@@ -258,15 +258,15 @@ class RecoveryCoordinator:
             tree, tree_inbox = open_mailbox()
             wal, wal_inbox = open_mailbox()
             allocator, allocator_inbox = open_mailbox()
-            status = WalStatus()
+            status = WalStatus(durable_lsn=recovered.last_lsn)
             async with trio.open_nursery() as nursery:
                 await nursery.start(BlockAllocator(allocator_inbox, self._storage, free,
-                                                   durable_lsn=recovered.last_lsn).run)
+                                                   status).run)
                 await nursery.start(WalWriter(
                     wal_inbox, self._storage, self._uuid, blocks,
                     next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
-                    commit_interval=self._tuning.commit_interval, allocator=allocator.clone(),
-                    status=status, segment_bytes=self._tuning.segment_bytes).run)
+                    commit_interval=self._tuning.commit_interval, status=status,
+                    segment_bytes=self._tuning.segment_bytes).run)
                 tree_manager = TreeManager(
                     tree_inbox, recovered.state, last_lsn=recovered.last_lsn, wal=wal.clone(),
                     wal_status=status, allocator=allocator.clone())
