@@ -93,7 +93,7 @@ def settle(mount, quiet: float = 0.005, interval: float = 0.1, limit: float = 60
     while time.perf_counter() - started < limit:
         time.sleep(interval)
         now = mount.daemon_cpu_seconds()
-        if now is None or before is None or now - before < quiet:
+        if now is None or before is None or now[0] - before[0] < quiet:
             break
         before = now
     return time.perf_counter() - started
