@@ -96,8 +96,8 @@ class WalWriter:
 
     async def _next_envelope(self) -> Envelope | None:
         """The next message, or None once the oldest waiting record is commit_interval old.
-        No cancel scope while nothing waits: entering and leaving one was 5% of the daemon's
-        main thread under a single fsync-per-write writer."""
+        No cancel scope while nothing waits: entering and leaving one was 5% of the main
+        thread's profile samples under a single fsync-per-write writer."""
         deadline = self._oldest_pending_at + self._commit_interval
         if deadline == math.inf:
             return await self._inbox.receive()
