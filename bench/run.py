@@ -727,7 +727,8 @@ def profile_category(frames: list[str]) -> str:
     """A coarse bucket for one py-spy stack, by its innermost frame."""
     leaf = frames[-1]
     buckets = [
-        ("trio loop in epoll.poll: waiting, or retaking the GIL", ("get_events",)),
+        ("trio loop in epoll.poll: its per-pass syscall, waiting, or retaking the GIL",
+         ("get_events",)),
         ("idle: worker thread waiting for a job", ("WorkerThread._work",)),
         ("fsync (block store / WAL segment)", ("RealFile.fsync",)),
         ("pwrite", ("RealFile.pwrite",)),
