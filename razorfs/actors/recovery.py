@@ -258,15 +258,18 @@ class RecoveryCoordinator:
             tree, tree_inbox = open_mailbox()
             wal, wal_inbox = open_mailbox()
             allocator, allocator_inbox = open_mailbox()
-            status = WalStatus(durable_lsn=recovered.last_lsn)
+            status = WalStatus()
+            # Built before the allocator starts: its constructor publishes the durable LSN,
+            # which the allocator reads.
+            wal_writer = WalWriter(
+                wal_inbox, self._storage, self._uuid, blocks,
+                next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
+                commit_interval=self._tuning.commit_interval, status=status,
+                segment_bytes=self._tuning.segment_bytes)
             async with trio.open_nursery() as nursery:
                 await nursery.start(BlockAllocator(allocator_inbox, self._storage, free,
                                                    status).run)
-                await nursery.start(WalWriter(
-                    wal_inbox, self._storage, self._uuid, blocks,
-                    next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
-                    commit_interval=self._tuning.commit_interval, status=status,
-                    segment_bytes=self._tuning.segment_bytes).run)
+                await nursery.start(wal_writer.run)
                 tree_manager = TreeManager(
                     tree_inbox, recovered.state, last_lsn=recovered.last_lsn, wal=wal.clone(),
                     wal_status=status, allocator=allocator.clone())

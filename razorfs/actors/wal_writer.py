@@ -36,8 +36,8 @@ _ZEROS = bytes(1 << 20)
 class WalStatus:
     """What the WAL writer publishes for others to read: written only by the WAL writer."""
 
-    def __init__(self, durable_lsn: int = 0) -> None:
-        self.durable_lsn = durable_lsn
+    def __init__(self) -> None:
+        self.durable_lsn = 0
         self.failed: str | None = None
 
 
