@@ -1,23 +1,19 @@
 """How long a checkpoint holds up the tree manager (issue 5: at most 100 ms, up to 1M inodes).
 
-    .venv/bin/python bench/checkpoint_stall.py                       # 100k inodes, both modes
-    .venv/bin/python bench/checkpoint_stall.py --inodes 1000000 --layout flat --mode chunked
+    .venv/bin/python bench/checkpoint_stall.py                       # 100k inodes
+    .venv/bin/python bench/checkpoint_stall.py --inodes 1000000 --layout flat
     .venv/bin/python bench/checkpoint_stall.py --writes              # probes also change inodes
 
 A tree of --inodes inodes is built in memory (--layout tree: directories of 100 files, each file
 one to four blocks and some with an xattr; flat: every file in the root directory) and written
 as the checkpoint of a fresh data directory (real files under --workdir), which the real actors
-then recover. A probe task asks the tree manager one request at a time (GetAttr of a random
-inode; with --writes, of every four one is a SetXattr of a random inode and two create and
-remove a file in the root directory, which makes the capture keep prior states)
+then recover. A probe task asks the tree manager one request at a time (TreeStats; with
+--writes, of every four one is a SetXattr of a random inode and two create and remove a file in
+the root directory, which makes the capture keep prior states)
 and records each round trip. Per checkpoint (--runs of them, each after one change so that it is
 not skipped) the table shows the probe's median and longest round trip while the checkpoint ran,
 against the same without a checkpoint: the longest one is the stall.
-
-Modes: ``chunked`` is the incremental checkpoint (BeginSnapshot, then SnapshotChunk asks of
---chunk records); ``whole`` is the previous one, the whole tree in a single TakeSnapshot ask.
-Run against the code before issue 5 with its sources on PYTHONPATH (``git archive HEAD razorfs
-| tar -x -C DIR``, then PYTHONPATH=DIR), which only has ``whole``.
+The checkpoint is incremental: BeginSnapshot, then SnapshotChunk asks of --chunk records.
 """
 
 from __future__ import annotations
@@ -39,21 +35,18 @@ from array import array
 import structlog
 import trio
 
+from razorfs.state import redo, snapshot
 from razorfs.actors import messages as m
 from razorfs.actors import tree_manager
 from razorfs.actors.mailbox import open_mailbox
-from razorfs.actors.recovery import (
-    RecoveryCoordinator,
-    Tuning,
-    list_checkpoints,
-    write_checkpoint,
-)
+from razorfs.actors.recovery_coordinator import RecoveryCoordinator
+from razorfs.actors.system import Tuning
+from razorfs.storage.checkpoints import write_checkpoint
 from razorfs.datadir import format_storage
 from razorfs.storage.files import FileStorage
-from razorfs.tree import ROOT_INO, TreeState
+from razorfs.state.tree import ROOT_INO, TreeState
 
 T0 = 1_700_000_000_000_000_000
-HAS_CHUNKS = hasattr(m, "SnapshotChunk")
 
 
 def build(inodes: int, layout: str) -> TreeState:
@@ -62,43 +55,31 @@ def build(inodes: int, layout: str) -> TreeState:
     parent, ino, pblk = ROOT_INO, ROOT_INO + 1, 0
     while ino <= inodes:
         if layout == "tree" and (ino - 2) % 101 == 0:
-            state.apply(m.PutInode(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, T0, T0, T0))
-            state.apply(m.PutEntry(ROOT_INO, b"dir-%d" % ino, ino))
+            state.apply(redo.PutInode(ino, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, T0, T0, T0))
+            state.apply(redo.PutEntry(ROOT_INO, b"dir-%d" % ino, ino))
             parent = ino
         else:
             count = rng.randint(1, 4)
-            state.apply(m.PutInode(ino, stat.S_IFREG | 0o644, 1, 0, 0, 0, count * 4096, T0,
+            state.apply(redo.PutInode(ino, stat.S_IFREG | 0o644, 1, 0, 0, 0, count * 4096, T0,
                                    T0, T0))
-            state.apply(m.PutEntry(parent, b"file-%010d" % ino, ino))
-            state.apply(m.PutBlocks(ino, tuple(v for lblk in range(count)
+            state.apply(redo.PutEntry(parent, b"file-%010d" % ino, ino))
+            state.apply(redo.PutBlocks(ino, tuple(v for lblk in range(count)
                                                for v in (lblk, pblk + lblk, 0x12345678))))
             pblk += count
             if ino % 7 == 0:
-                state.apply(m.PutXattr(ino, b"user.tag", b"value %d" % ino))
+                state.apply(redo.PutXattr(ino, b"user.tag", b"value %d" % ino))
         ino += 1
     return state
 
 
-async def _old_checkpoint(self, tree, wal) -> int:
-    """The checkpoint as it was before issue 5: one TakeSnapshot ask for the whole tree."""
-    lsn, body = (await tree.ask(m.TakeSnapshot())).value
-    existing = [c for c, _ in await trio.to_thread.run_sync(list_checkpoints, self._storage)]
-    if existing and existing[-1] == lsn:
-        return lsn
-    await wal.ask(m.WaitDurable(lsn))
-    await trio.to_thread.run_sync(write_checkpoint, self._storage, self._uuid, lsn, body)
-    await wal.ask(m.TrimLog(existing[-1] if existing else lsn))
-    return lsn
-
-
 class StepTimer:
-    """Wraps the tree manager's handle_envelope: how long each message kept it busy, in
+    """Wraps the tree manager's dispatch: how long each message kept it busy, in
     wall-clock and in CPU time of the trio thread (the latter not inflated when other
     processes take the CPU away, as they do on a shared machine)."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[float, float, str]] = []
-        self._inner = tree_manager.handle_envelope
+        self._inner = tree_manager.dispatch
 
     async def __call__(self, envelope, handler, actor):
         wall, cpu = time.perf_counter(), time.thread_time()
@@ -124,7 +105,7 @@ async def probe_while(tree, numbers, rng, writes: bool, running) -> list[float]:
     while running():
         ino = rng.choice(numbers)
         tick = next(_TICKS)
-        request = m.GetAttr(ino)
+        request = m.TreeStats()
         if writes and tick % 4 == 1:
             request = m.SetXattr(ino, b"user.probe", b"%d" % tick)
         elif writes and tick % 4 == 2:
@@ -144,13 +125,12 @@ def summary(latencies: list[float]) -> str:
             f"p99 {p99 * 1e3:7.2f} ms  max {ordered[-1] * 1e3:7.2f} ms")
 
 
-async def measure(storage, args, mode: str) -> None:
-    tuning = {"commit_interval": 1.0, "checkpoint_bytes": 1 << 62, "checkpoint_poll": 1e6}
-    if HAS_CHUNKS:
-        tuning["checkpoint_chunk"] = args.chunk
+async def measure(storage, args) -> None:
+    tuning = {"commit_interval": 1.0, "checkpoint_bytes": 1 << 62, "checkpoint_poll": 1e6,
+              "checkpoint_chunk": args.chunk}
     coordinator, inbox = open_mailbox()
     rng = random.Random(2)
-    timer = tree_manager.handle_envelope = StepTimer()
+    timer = tree_manager.dispatch = StepTimer()
     async with trio.open_nursery() as nursery:
         handles = await nursery.start(RecoveryCoordinator(inbox, storage, Tuning(**tuning)).run)
         tree = handles.tree
@@ -182,25 +162,21 @@ async def measure(storage, args, mode: str) -> None:
         finally:
             for mailbox in (tree, handles.wal, handles.allocator, coordinator):
                 await mailbox.aclose()
-    tree_manager.handle_envelope = timer._inner
+    tree_manager.dispatch = timer._inner
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--inodes", type=int, default=100_000)
     parser.add_argument("--layout", choices=["tree", "flat"], default="tree")
-    parser.add_argument("--mode", choices=["chunked", "whole", "both"],
-                        default="both" if HAS_CHUNKS else "whole")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=Tuning().checkpoint_chunk if HAS_CHUNKS
-                        else 0, help="records per SnapshotChunk ask")
+    parser.add_argument("--chunk", type=int, default=Tuning().checkpoint_chunk,
+                        help="records per SnapshotChunk ask")
     parser.add_argument("--writes", action="store_true",
                         help="probes also change inodes and the root directory")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    if args.mode != "whole" and not HAS_CHUNKS:
-        parser.error("this razorfs has no incremental checkpoints: --mode whole only")
 
     started = time.perf_counter()
     state = build(args.inodes, args.layout)
@@ -208,25 +184,19 @@ def main() -> None:
     try:
         storage = FileStorage(workdir)
         superblock = format_storage(storage)
-        write_checkpoint(storage, superblock.uuid, 0, state.to_snapshot())
+        write_checkpoint(storage, superblock.uuid, 0, snapshot.encode(state))
         del state
         gc.collect()
         print(f"{args.inodes} inodes ({args.layout}), built in "
               f"{time.perf_counter() - started:.1f} s; probes: "
-              f"{'GetAttr/SetXattr/create/unlink' if args.writes else 'GetAttr'}; python {sys.version.split()[0]}, "
+              f"{'TreeStats/SetXattr/create/unlink' if args.writes else 'TreeStats'}; "
+              f"python {sys.version.split()[0]}, "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-        for mode in (["whole", "chunked"] if args.mode == "both" else [args.mode]):
-            print(f"mode {mode}" + (f" (chunk {args.chunk} records)" if mode == "chunked" else ""))
-            if mode == "whole" and HAS_CHUNKS:
-                RecoveryCoordinator._checkpoint = _old_checkpoint
-            elif mode == "chunked":
-                RecoveryCoordinator._checkpoint = _NEW_CHECKPOINT
-            trio.run(measure, storage, args, mode)
+        print(f"chunk {args.chunk} records")
+        trio.run(measure, storage, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-
-_NEW_CHECKPOINT = RecoveryCoordinator._checkpoint
 
 if __name__ == "__main__":
     main()

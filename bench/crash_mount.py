@@ -31,12 +31,12 @@ import subprocess
 import sys
 import time
 
-from razorfs.actors import messages as m
-from razorfs.actors.recovery import write_checkpoint
+from razorfs.state import redo, snapshot
+from razorfs.storage.checkpoints import write_checkpoint
 from razorfs.datadir import mkfs
 from razorfs.storage import formats
 from razorfs.storage.files import FileStorage
-from razorfs.tree import ROOT_INO, TreeState
+from razorfs.state.tree import ROOT_INO, TreeState
 
 T0 = 1_700_000_000_000_000_000
 FILES_PER_DIRECTORY = 1000
@@ -54,14 +54,14 @@ def build(path: str, files: int, records: int) -> None:
     for d in range((files + FILES_PER_DIRECTORY - 1) // FILES_PER_DIRECTORY):
         directory = ino
         ino += 1
-        state.apply(m.PutInode(directory, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, T0, T0, T0))
-        state.apply(m.PutEntry(ROOT_INO, b"d%05d" % d, directory))
+        state.apply(redo.PutInode(directory, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, T0, T0, T0))
+        state.apply(redo.PutEntry(ROOT_INO, b"d%05d" % d, directory))
         for f in range(min(FILES_PER_DIRECTORY, files - d * FILES_PER_DIRECTORY)):
-            state.apply(m.PutInode(ino, stat.S_IFREG | 0o644, 1, 0, 0, 0, 0, T0, T0, T0))
-            state.apply(m.PutEntry(directory, b"f%07d" % f, ino))
+            state.apply(redo.PutInode(ino, stat.S_IFREG | 0o644, 1, 0, 0, 0, 0, T0, T0, T0))
+            state.apply(redo.PutEntry(directory, b"f%07d" % f, ino))
             file_inos.append(ino)
             ino += 1
-    write_checkpoint(storage, superblock.uuid, 0, state.to_snapshot())
+    write_checkpoint(storage, superblock.uuid, 0, snapshot.encode(state))
     lsn, batch, first, size = 1, 1, 1, 0
     segment: list[bytes] = []
     while lsn <= records:
@@ -73,7 +73,7 @@ def build(path: str, files: int, records: int) -> None:
         count = min(RECORDS_PER_BATCH, records - lsn + 1)
         for k in range(count):
             when = T0 + lsn
-            payload = m.encode_ops([m.PutInode(file_inos[lsn % len(file_inos)],
+            payload = redo.encode_ops([redo.PutInode(file_inos[lsn % len(file_inos)],
                                                stat.S_IFREG | 0o600, 1, 0, 0, 0, 0, when, when,
                                                when)])
             record = formats.encode_record(lsn, batch, payload, count - k - 1)

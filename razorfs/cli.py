@@ -188,7 +188,7 @@ def _umount(args) -> int:
 
 def _fsck(args) -> int:
     from razorfs import fsck
-    from razorfs.actors.recovery import read_superblock
+    from razorfs.storage.checkpoints import read_superblock
     from razorfs.datadir import DataDirLock, check_data_dir
     from razorfs.storage.files import FileStorage
 

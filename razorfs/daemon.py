@@ -26,7 +26,8 @@ from razorfs import control, prometheus
 from razorfs import log as razorfs_log
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, open_mailbox
-from razorfs.actors.recovery import Handles, RecoveryCoordinator, Tuning
+from razorfs.actors.recovery_coordinator import RecoveryCoordinator
+from razorfs.actors.system import Handles, Tuning
 from razorfs.datadir import DataDirLock, check_data_dir
 from razorfs.errors import UsageError
 from razorfs.fuse.operations import Operations
@@ -128,9 +129,8 @@ def _configure_logging(options: MountOptions, previous=None):
 
 def _return_freed_heap() -> None:
     """Hand the heap recovery freed (the checkpoint's bytes, the log read, temporary objects)
-    back to the kernel. glibc keeps freed memory for reuse, and after loading 200,000 inodes it
-    kept ~125 bytes per inode that the daemon would never use again (issue 5: RSS per inode).
-    A few ms; nothing to do with a C library that has no ``malloc_trim``."""
+    back to the kernel: glibc would keep it for reuse the daemon never makes. Nothing to do
+    with a C library that has no ``malloc_trim``."""
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
@@ -200,24 +200,26 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str
 async def collect(handles: Handles, coordinator: Mailbox, operations: Operations,
                   options: MountOptions) -> dict:
     """Live counters for `razorfs stats`."""
-    inodes, last_lsn, failsafe = (await handles.tree.ask(m.TreeStats())).value
-    durable, batches, records, fsyncs, log_bytes, _ = (await handles.wal.ask(m.WalStats())).value
-    used, free_in_store, pending_free = (await handles.allocator.ask(m.SpaceStats())).value
-    checkpoints, checkpoint_seconds = (await coordinator.ask(m.CheckpointStats())).value
+    tree = await handles.tree.ask(m.TreeStats())
+    wal = await handles.wal.ask(m.WalStats())
+    space = await handles.allocator.ask(m.SpaceStats())
+    checkpoints = await coordinator.ask(m.CheckpointStats())
     disk = await trio.to_thread.run_sync(handles.blocks.disk_space)
     return {
         "requests": operations.metrics.snapshot(),
-        "wal": {"last_lsn": last_lsn, "durable_lsn": durable, "durable_lag": last_lsn - durable,
-                "records": records, "commits": batches, "fsyncs": fsyncs,
-                "average_group_size": round(records / batches, 2) if batches else 0.0,
-                "bytes_since_checkpoint": log_bytes},
-        "checkpoints": {"count": checkpoints, "last_seconds": round(checkpoint_seconds, 4)},
-        "space": {"block_size": BLOCK_SIZE, "blocks_used": used,
-                  "blocks_free_in_store": free_in_store, "blocks_pending_free": pending_free,
+        "wal": {"last_lsn": tree.last_lsn, "durable_lsn": wal.durable_lsn,
+                "durable_lag": tree.last_lsn - wal.durable_lsn,
+                "records": wal.records, "commits": wal.batches, "fsyncs": wal.fsyncs,
+                "average_group_size": round(wal.records / wal.batches, 2) if wal.batches else 0.0,
+                "bytes_since_checkpoint": wal.bytes_since_trim},
+        "checkpoints": {"count": checkpoints.written,
+                        "last_seconds": round(checkpoints.last_seconds, 4)},
+        "space": {"block_size": BLOCK_SIZE, "blocks_used": space.used,
+                  "blocks_free_in_store": space.free, "blocks_pending_free": space.pending,
                   "disk_available_bytes": disk.available},
-        "inodes": inodes,
+        "inodes": tree.inodes,
         "durability": "sync" if options.sync_writes else "fsync",
-        "failsafe": failsafe,
+        "failsafe": tree.failsafe,
     }
 
 

@@ -7,13 +7,14 @@ import os
 import time
 import uuid as uuid_module
 
-from razorfs.actors.recovery import write_checkpoint
 from razorfs.errors import UsageError
+from razorfs.state import snapshot
+from razorfs.state.tree import TreeState
 from razorfs.storage import formats
+from razorfs.storage.checkpoints import write_checkpoint
 from razorfs.storage.files import FileStorage
+from razorfs.storage.formats import BLOCK_SIZE, FORMAT_VERSION, Superblock
 from razorfs.storage.interface import Storage
-from razorfs.storage.formats import FORMAT_VERSION, BLOCK_SIZE, Superblock
-from razorfs.tree import TreeState
 
 
 def mkfs(path: str, *, uid: int | None = None, gid: int | None = None) -> Superblock:
@@ -38,7 +39,7 @@ def format_storage(storage: Storage, *, uid: int = 0, gid: int = 0) -> Superbloc
         blocks.fsync()
     storage.fsync_dir("")
     state = TreeState.fresh(uid=uid, gid=gid, now_ns=time.time_ns())
-    write_checkpoint(storage, superblock.uuid, 0, state.to_snapshot())
+    write_checkpoint(storage, superblock.uuid, 0, snapshot.encode(state))
     # The superblock goes last: a crash during mkfs leaves a directory that is not razorfs yet
     # (`razorfs mount` refuses it), never a half-made one that mounts.
     storage.write_file_atomically(formats.SUPERBLOCK_PATH, superblock.encode())

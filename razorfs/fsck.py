@@ -19,13 +19,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from razorfs.actors import messages as m
-from razorfs.actors.recovery import load, recover, write_checkpoint
+from razorfs.state import redo, snapshot
+from razorfs.state.recovery import load, recover
+from razorfs.state.tree import ROOT_INO, TreeState
 from razorfs.storage.blockstore import BlockStore
+from razorfs.storage.checkpoints import write_checkpoint
 from razorfs.storage.files import FileStorage
 from razorfs.storage.formats import BLOCK_SIZE, FormatError, crc
 from razorfs.storage.interface import Storage
-from razorfs.tree import ROOT_INO, TreeState
 
 LOST_AND_FOUND = b"lost+found"
 
@@ -115,7 +116,7 @@ def repair(storage: Storage, *, verify_data: bool = True, progress=None) -> Repo
         for op in report.fixes:
             state.apply(op)
         write_checkpoint(storage, recovered.superblock.uuid, recovered.last_lsn,
-                         state.to_snapshot())
+                         snapshot.encode(state))
         report.repairs.append(f"applied {len(report.fixes)} fix(es) and wrote a checkpoint")
     return report
 
@@ -135,11 +136,11 @@ def _check_tree(state: TreeState, report: Report) -> dict[int, str]:
             child = state.inodes.get(child_ino)
             if child is None:
                 report.problem(f"{path}: entry points to missing inode {child_ino}",
-                               m.DropEntry(directory.ino, name))
+                               redo.DropEntry(directory.ino, name))
                 continue
             if child.is_dir and child_ino in paths:
                 report.problem(f"inode {child_ino} ({path}): directory has two names (or a "
-                               "cycle)", m.DropEntry(directory.ino, name))
+                               "cycle)", redo.DropEntry(directory.ino, name))
                 continue
             references[child_ino] += 1
             if child.is_dir:
@@ -185,14 +186,14 @@ def _attach_unreachable(state: TreeState, report: Report, paths: dict[int, str],
         found_ino = state.next_ino
         now = time.time_ns()
         lost_dirs = sum(state.inodes[ino].is_dir for ino in lost)
-        report.fixes += [m.PutInode(found_ino, stat.S_IFDIR | 0o700, 2 + lost_dirs, 0, 0, 0, 0,
+        report.fixes += [redo.PutInode(found_ino, stat.S_IFDIR | 0o700, 2 + lost_dirs, 0, 0, 0, 0,
                                     now, now, now),
-                         m.PutEntry(ROOT_INO, LOST_AND_FOUND, found_ino)]
+                         redo.PutEntry(ROOT_INO, LOST_AND_FOUND, found_ino)]
         planned[ROOT_INO] += 1
     for ino in lost:
         name = f"#{ino}".encode()
         report.problem(f"inode {ino}: not reachable from the root (linked as "
-                       f"/lost+found/{name.decode()})", m.PutEntry(found_ino, name, ino))
+                       f"/lost+found/{name.decode()})", redo.PutEntry(found_ino, name, ino))
         references[ino] += 1
         paths[ino] = f"/lost+found/{name.decode()}"
         if state.inodes[ino].is_dir:
@@ -226,7 +227,7 @@ def _check_blocks(state: TreeState, blocks: BlockStore, paths: dict[int, str], r
                 report.problems.append(f"{where}: data block {pblk} checksum mismatch: not "
                                        "repairable (reads of it answer EIO)")
             progress("data blocks verified", done, len(used))
-    report.fixes += [m.TruncateBlocks(ino, keep) for ino, keep in past_end.items()]
+    report.fixes += [redo.TruncateBlocks(ino, keep) for ino, keep in past_end.items()]
 
 
 def run(data_dir: str, *, verify_data: bool = True, repair_problems: bool = False) -> Report:

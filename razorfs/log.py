@@ -28,8 +28,8 @@ _debug = False
 
 
 def debug_enabled() -> bool:
-    """Whether debug lines are written. Hot paths ask before logging: a filtered call through
-    structlog's uncached lazy logger still costs about 10 µs (loggers are not cached so that a
+    """Whether debug lines are written. Hot paths ask before logging: even a filtered call
+    through structlog's uncached lazy logger costs (loggers are not cached so that a
     reconfiguration, e.g. SIGHUP's reopen or a test's capture, reaches every module)."""
     return _debug
 

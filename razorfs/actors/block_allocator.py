@@ -3,11 +3,10 @@
 Blocks unmapped by a transaction stay reserved until that transaction is durable: until then the
 durable state (checkpoint + log) may still point at them, and overwriting them would let a crash
 expose another file's bytes. The durable LSN is read from the WAL writer's published
-``WalStatus`` whenever a message arrives rather than sent after each commit (a message per
-commit was 7% of the main thread's samples under one fsync-per-write writer): blocks only
-need to be free by the time someone allocates or asks how much is free, and both are
-messages. The free map is never stored: recovery rebuilds it from the extent maps, so it
-cannot disagree with them.
+``WalStatus`` whenever a message arrives, rather than told after each commit: blocks only need
+to be free by the time someone allocates or asks how much is free, and both are messages. The
+free map is never stored: recovery rebuilds it from the extent maps, so it cannot disagree with
+them.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import structlog
 import trio
 
 from razorfs.actors import messages as m
-from razorfs.actors.mailbox import handle_envelope
+from razorfs.actors.mailbox import dispatch
 from razorfs.actors.wal_writer import WalStatus
 from razorfs.errors import FsError
 from razorfs.storage.formats import BLOCK_SIZE
@@ -108,6 +107,15 @@ class FreeSpace:
             self._remove(previous)
         self._add(start, length)
 
+    def trim_top(self) -> None:
+        """Lower the high-water mark below a free run that ends at it: blocks above the store's
+        written end are then not counted as free space inside the store."""
+        if self._starts:
+            last = self._starts[-1]
+            if last + self._lengths[last] == self.high_water:
+                self._remove(last)
+                self.high_water = last
+
     def extents(self) -> list[tuple[int, int]]:
         return [(start, self._lengths[start]) for start in self._starts]
 
@@ -147,13 +155,10 @@ class BlockAllocator:
         task_status.started()
         async with self._inbox:
             async for envelope in self._inbox:
-                await handle_envelope(envelope, self._dispatch, "allocator")
+                self._free_durable()
+                await dispatch(envelope, self._handlers, "allocator")
 
-    async def _dispatch(self, message):
-        self._free_durable()
-        return self._handlers[type(message)](message)
-
-    def _allocate(self, message: m.Allocate) -> tuple:
+    async def _allocate(self, message: m.Allocate) -> m.Extents:
         count = message.count
         disk_full = (self._storage.space().available
                      < count * BLOCK_SIZE + self.RESERVED_BYTES)
@@ -163,13 +168,15 @@ class BlockAllocator:
             extents = self._space.allocate_fragmented(count)
         else:
             extents = self._space.allocate(count)
-        return tuple(value for extent in extents for value in extent)
+        return m.Extents(tuple(value for extent in extents for value in extent))
 
-    def _release(self, message: m.Release) -> None:
+    async def _release(self, message: m.Release) -> None:
         for i in range(0, len(message.extents), 2):
             self._space.free(message.extents[i], message.extents[i + 1])
+        # never committed, so mostly a lease given back from the top of the store
+        self._space.trim_top()
 
-    def _free_after(self, message: m.FreeAfter) -> None:
+    async def _free_after(self, message: m.FreeAfter) -> None:
         if message.lsn <= self._wal_status.durable_lsn:
             self._free_blocks(message.blocks)
         else:
@@ -187,6 +194,8 @@ class BlockAllocator:
         for start, length in runs(blocks):
             self._space.free(start, length)
 
-    def _stats(self, message: m.SpaceStats) -> tuple:
+    async def _stats(self, message: m.SpaceStats) -> m.SpaceStatus:
         free = self._space.free_count
-        return (self._space.high_water - free - self._pending_count, free, self._pending_count)
+        disk_free = max(0, self._storage.space().available - self.RESERVED_BYTES) // BLOCK_SIZE
+        return m.SpaceStatus(self._space.high_water - free - self._pending_count, free,
+                             self._pending_count, disk_free)

@@ -1,9 +1,14 @@
-"""Addresses of actors, and the request/reply envelope.
+"""Addresses of actors, the request/reply envelope, and the one way an actor dispatches.
 
 An actor's inbox is a bounded trio memory channel of ``Envelope``s. ``Mailbox.ask`` sends the
-encoded message with a one-shot reply channel and waits; a ``Failed`` reply is raised in the
-caller as ``FsError``. ``Mailbox.tell`` sends without a reply. Closing a mailbox (every clone of
-its send side) is how an actor is told to shut down.
+encoded message with a one-shot reply slot and waits; a ``Failed`` reply is raised in the caller
+as ``FsError``. ``Mailbox.tell`` sends without a reply. Closing a mailbox (every clone of its send
+side) is how an actor is told to shut down.
+
+Every actor keeps a handler table ``{message type: async method}`` and hands each envelope to
+``dispatch``. A handler returns its reply record (None means ``Done``); a domain error it raises
+goes back as ``Failed``. A request answered later than its handler returns (the WAL writer's
+``WaitDurable``) has its handler wrapped in ``ReplyLater``: that handler gets the reply slot too.
 """
 
 from __future__ import annotations
@@ -24,10 +29,8 @@ INBOX_CAPACITY = 1024
 
 
 class ReplySlot:
-    """A one-shot reply channel: one ``put`` by the actor, one ``receive`` by the asker.
-
-    Lighter than a one-item memory channel (no buffer, no clone bookkeeping), which matters
-    because every request to an actor makes one."""
+    """A one-shot reply channel: one ``put`` by the actor, one ``receive`` by the asker (lighter
+    than a one-item memory channel, and every request makes one)."""
 
     __slots__ = ("_event", "_payload")
 
@@ -56,14 +59,15 @@ class Mailbox:
     def __init__(self, send_channel: trio.MemorySendChannel) -> None:
         self._send = send_channel
 
-    async def ask(self, message) -> messages.Ok:
+    async def ask(self, message) -> Any:
+        """The reply record to ``message``; a ``Failed`` reply is raised as FsError."""
         slot = ReplySlot()
         try:
             await self._post(Envelope(messages.encode(message), slot))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise FsError(errno.EIO, f"{type(message).__name__}: actor stopped") from None
         reply = messages.decode(await slot.receive())
-        if isinstance(reply, messages.Failed):
+        if type(reply) is messages.Failed:
             raise FsError(reply.errno, reply.message)
         return reply
 
@@ -71,10 +75,9 @@ class Mailbox:
         await self._post(Envelope(messages.encode(message), None))
 
     async def _post(self, envelope: Envelope) -> None:
-        """Into the inbox without a scheduling point when it has room: ``send`` always yields
-        to the scheduler (trio's fairness checkpoint), which cost a full pass of the run loop
-        per message. The asker yields anyway while it waits for the reply, and every actor
-        yields once per message it takes, so nobody is starved. A full inbox still waits."""
+        """Into the inbox without a scheduling point when it has room (trio's ``send`` always
+        yields): the asker yields anyway while it waits for the reply, and every actor yields
+        once per message it takes, so nobody is starved. A full inbox still waits."""
         try:
             self._send.send_nowait(envelope)
         except trio.WouldBlock:
@@ -101,23 +104,38 @@ def open_mailbox(capacity: int = INBOX_CAPACITY) -> tuple[Mailbox, trio.MemoryRe
 Handler = Callable[[Any], Awaitable[Any]]
 
 
-def reply(envelope: Envelope, result: messages.Ok | messages.Failed) -> None:
-    if envelope.reply_to is not None:
-        envelope.reply_to.put(messages.encode(result))
+@dataclass(frozen=True, slots=True)
+class ReplyLater:
+    """A handler table entry whose handler answers through the slot it is given, when it can."""
+
+    handler: Callable[[Any, ReplySlot | None], Awaitable[None]]
 
 
-async def handle_envelope(envelope: Envelope, handler: Handler, actor: str) -> None:
-    """Decode, dispatch, reply. Domain errors become a Failed reply; so do unexpected ones
-    (logged with traceback) so that one bad request never stops the actor. Handlers that can
-    leave state half-changed must protect themselves (the tree manager goes failsafe)."""
+def answer(slot: ReplySlot | None, reply) -> None:
+    if slot is not None:
+        slot.put(messages.encode(reply))
+
+
+async def dispatch(envelope: Envelope, handlers: dict[type, Handler | ReplyLater],
+                   actor: str) -> None:
+    """Decode, call the handler for the message's type, reply. Domain errors become a Failed
+    reply; so do unexpected ones (logged with traceback), so that one bad request never stops
+    the actor. Handlers that can leave state half-changed must protect themselves (the tree
+    manager goes failsafe)."""
     message = messages.decode(envelope.payload)
+    handler = handlers.get(type(message))
     try:
-        value = await handler(message)
+        if handler is None:
+            raise TypeError(f"{actor} does not handle {type(message).__name__}")
+        if type(handler) is ReplyLater:
+            await handler.handler(message, envelope.reply_to)
+            return
+        reply = await handler(message)
     except FsError as exc:
-        reply(envelope, messages.Failed(exc.errno, exc.message))
+        answer(envelope.reply_to, messages.Failed(exc.errno, exc.message))
         return
     except Exception:
         log.exception("unexpected error in actor", actor=actor, message=type(message).__name__)
-        reply(envelope, messages.Failed(errno.EIO, f"internal error in {actor}"))
+        answer(envelope.reply_to, messages.Failed(errno.EIO, f"internal error in {actor}"))
         return
-    reply(envelope, value if isinstance(value, messages.Ok) else messages.Ok(value))
+    answer(envelope.reply_to, messages.Done() if reply is None else reply)

@@ -1,164 +1,47 @@
-"""The one msgpack schema: every message between actors and every redo operation in the WAL.
+"""What actors say to each other: the requests each actor takes, and the reply each one gets.
 
-A message is a named tuple with a unique ``TAG``; on the wire it is the msgpack array
-``[TAG, field1, field2, ...]`` (fields in declaration order, only msgpack-native values: int,
-bytes, bool, None, tuples). Redo operations use the same schema, so what the WAL holds is
-exactly what the tree manager decided and applied. Tags are part of the on-disk format for redo
-operations (1-49): never renumber them.
+Every message is a record type (``razorfs.state.redo.record_type``): a named tuple with a unique
+``TAG``, the msgpack array ``[TAG, field1, ...]`` on the wire, fields of msgpack-native values
+only. Unlike the redo operations these tags are not on-disk format; they are grouped by the actor
+that takes the message. A request answered with ``Failed`` is raised in the asker as
+``FsError(errno)``; a request marked *tell* gets no reply.
 
-Inode attributes travel as ``Attr`` (a named tuple, an array on the wire).
+Three things pass between actors without a message, each for a reason:
+
+* ``TreeQueries`` (actors/tree_manager.py), the tree manager's read-only face, is called directly
+  by the FUSE layer for lookups, getattrs, readdirs, xattr reads, block maps and fsync's sync
+  point. Trio runs every task on one thread and switches only at an ``await``; these methods never
+  await, so each sees every transaction wholly applied or not at all, as an ask would, without
+  its two task switches and two encodings on the most frequent requests.
+* ``WalStatus`` (actors/wal_writer.py) publishes the durable LSN and the log's failure, written
+  only by the WAL writer: the tree manager reads it before each transaction, the allocator before
+  each message (blocks freed by a durable transaction become reusable), the FUSE layer to skip a
+  wait that is already over. A reply channel back from the WAL writer would make a cycle of
+  mailboxes that could not be closed in order at shutdown.
+* ``BlockStore`` (storage/blockstore.py): file data never travels in messages. The FUSE data path
+  writes blocks from worker threads and commits their mapping with ``CommitWrite``; the WAL
+  writer fsyncs the store before writing any record that points into it (ordered mode).
 """
 
 from __future__ import annotations
 
-from collections import namedtuple
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import msgpack
 
+from razorfs.state.redo import SchemaError, as_list, from_list, record_type
+from razorfs.state.tree import Attr
 
-class Attr(NamedTuple):
-    """Attributes of an inode as they travel in replies (a msgpack array on the wire)."""
-
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int  # 512-byte units actually allocated
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
+# ---- to the tree manager ----
 
 
-def _message(cls):
-    """The message type ``cls`` declares: a named tuple of its annotated fields (defaults
-    allowed), with its ``TAG`` and docstring. Immutable like a frozen dataclass, but built at C
-    speed: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
-    2.8 µs for ten fields against 0.6 µs, and every request and every replayed WAL record
-    builds several messages."""
-    namespace = dict(vars(cls))
-    annotations = namespace.get("__annotations__", {})
-    names = [name for name, kind in annotations.items() if not str(kind).startswith("ClassVar")]
-    defaults = [namespace.pop(name) for name in names if name in namespace]
-    for name in ("__dict__", "__weakref__"):
-        namespace.pop(name, None)
-    namespace["__slots__"] = ()
-    base = namedtuple(cls.__name__, names, defaults=defaults, module=cls.__module__)
-    return type(cls.__name__, (base,), namespace)
-
-
-# ---- redo operations (logged in the WAL; tags 1-49 are on-disk format) ----
-
-
-@_message
-class PutInode:
-    """Create or overwrite an inode's attributes."""
-
-    TAG: ClassVar[int] = 1
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-
-
-@_message
-class DropInode:
-    """Forget an inode whose last link and last kernel reference are gone; frees its blocks."""
-
-    TAG: ClassVar[int] = 2
-    ino: int
-
-
-@_message
-class PutEntry:
-    """Add or replace the name ``name`` in directory ``parent``, pointing at ``ino``."""
-
-    TAG: ClassVar[int] = 3
-    parent: int
-    name: bytes
-    ino: int
-
-
-@_message
-class DropEntry:
-    TAG: ClassVar[int] = 4
-    parent: int
-    name: bytes
-
-
-@_message
-class PutTarget:
-    """A symlink's target."""
-
-    TAG: ClassVar[int] = 5
-    ino: int
-    target: bytes
-
-
-@_message
-class PutBlocks:
-    """Map file blocks: ``blocks`` is a flat tuple (lblk, pblk, crc, lblk, pblk, crc, ...)."""
-
-    TAG: ClassVar[int] = 6
-    ino: int
-    blocks: tuple
-
-
-@_message
-class TruncateBlocks:
-    """Unmap every file block numbered ``first_dropped`` or higher."""
-
-    TAG: ClassVar[int] = 7
-    ino: int
-    first_dropped: int
-
-
-@_message
-class PutXattr:
-    TAG: ClassVar[int] = 8
-    ino: int
-    name: bytes
-    value: bytes
-
-
-@_message
-class DropXattr:
-    TAG: ClassVar[int] = 9
-    ino: int
-    name: bytes
-
-
-# ---- requests to the tree manager ----
-
-
-@_message
-class Lookup:
-    TAG: ClassVar[int] = 50
-    parent: int
-    name: bytes
-
-
-@_message
-class GetAttr:
-    TAG: ClassVar[int] = 51
-    ino: int
-
-
-@_message
+@record_type
 class SetAttr:
     """Change attributes; None leaves a field as it is. ``tail`` (lblk, pblk, crc) replaces the
-    new last block when a shrink ends inside a block (its bytes past the end zeroed)."""
+    new last block when a shrink ends inside a block (its bytes past the end zeroed).
+    Reply: Changed."""
 
-    TAG: ClassVar[int] = 52
+    TAG: ClassVar[int] = 10
     ino: int
     mode: int | None = None
     uid: int | None = None
@@ -169,11 +52,11 @@ class SetAttr:
     tail: tuple | None = None
 
 
-@_message
+@record_type
 class MakeNode:
-    """Create a file, directory, symlink (``target``), fifo, socket or device."""
+    """Create a file, directory, symlink (``target``), fifo, socket or device. Reply: Changed."""
 
-    TAG: ClassVar[int] = 53
+    TAG: ClassVar[int] = 11
     parent: int
     name: bytes
     mode: int
@@ -183,19 +66,21 @@ class MakeNode:
     target: bytes = b""
 
 
-@_message
+@record_type
 class Remove:
-    """unlink (``directory`` False) or rmdir (True)."""
+    """unlink (``directory`` False) or rmdir (True). Reply: Committed."""
 
-    TAG: ClassVar[int] = 54
+    TAG: ClassVar[int] = 12
     parent: int
     name: bytes
     directory: bool
 
 
-@_message
+@record_type
 class Rename:
-    TAG: ClassVar[int] = 55
+    """Reply: Committed (LSN 0 when nothing changed)."""
+
+    TAG: ClassVar[int] = 13
     old_parent: int
     old_name: bytes
     new_parent: int
@@ -203,294 +88,316 @@ class Rename:
     flags: int
 
 
-@_message
+@record_type
 class Link:
-    TAG: ClassVar[int] = 56
+    """Reply: Changed."""
+
+    TAG: ClassVar[int] = 14
     ino: int
     new_parent: int
     new_name: bytes
 
 
-@_message
-class ReadLink:
-    TAG: ClassVar[int] = 57
-    ino: int
-
-
-@_message
-class ReadDir:
-    """Up to ``limit`` entries with a cookie greater than ``after``; each returned entry counts
-    as a kernel lookup (the caller forgets those the kernel did not take)."""
-
-    TAG: ClassVar[int] = 58
-    ino: int
-    after: int
-    limit: int
-
-
-@_message
-class Forget:
-    """``pairs`` is a flat tuple (ino, count, ino, count, ...)."""
-
-    TAG: ClassVar[int] = 59
-    pairs: tuple
-
-
-@_message
-class GetXattr:
-    TAG: ClassVar[int] = 60
-    ino: int
-    name: bytes
-
-
-@_message
-class ListXattr:
-    TAG: ClassVar[int] = 61
-    ino: int
-
-
-@_message
+@record_type
 class SetXattr:
-    TAG: ClassVar[int] = 62
+    """Reply: Committed."""
+
+    TAG: ClassVar[int] = 15
     ino: int
     name: bytes
     value: bytes
 
 
-@_message
+@record_type
 class RemoveXattr:
-    TAG: ClassVar[int] = 63
+    """Reply: Committed."""
+
+    TAG: ClassVar[int] = 16
     ino: int
     name: bytes
 
 
-@_message
-class MapBlocks:
-    """The file's size and its mapped blocks in [first, first + count), as flat triples."""
-
-    TAG: ClassVar[int] = 64
-    ino: int
-    first: int
-    count: int
-
-
-@_message
+@record_type
 class CommitWrite:
-    """Data already written to new blocks; map them and grow the size to offset + length."""
+    """Data already written to new blocks: map them and grow the size to offset + length.
+    Reply: Changed."""
 
-    TAG: ClassVar[int] = 65
+    TAG: ClassVar[int] = 17
     ino: int
     offset: int
     length: int
     blocks: tuple
 
 
-@_message
-class Accessed:
-    """A file was read: update its atime by the relatime rule (no reply)."""
+@record_type
+class Forget:
+    """The kernel dropped references: ``pairs`` is a flat tuple (ino, count, ...). Tell."""
 
-    TAG: ClassVar[int] = 71
+    TAG: ClassVar[int] = 18
+    pairs: tuple
+
+
+@record_type
+class Accessed:
+    """A file was read: move its atime by the relatime rule. Tell (a read never waits)."""
+
+    TAG: ClassVar[int] = 19
     ino: int
 
 
-@_message
-class SyncPoint:
-    """The LSN of the last transaction applied: what an fsync must wait for."""
-
-    TAG: ClassVar[int] = 66
-
-
-@_message
-class TakeSnapshot:
-    """Serialise the whole tree for a checkpoint: reply (lsn, body)."""
-
-    TAG: ClassVar[int] = 67
-
-
-@_message
-class TreeStats:
-    """Reply (inode count, last LSN, failsafe reason or None)."""
-
-    TAG: ClassVar[int] = 68
-
-
-@_message
+@record_type
 class EnterFailsafe:
-    """Storage failed: refuse every change from now on (EROFS), keep serving reads."""
+    """Storage failed: refuse every change from now on (EROFS), keep serving reads. Tell."""
 
-    TAG: ClassVar[int] = 69
+    TAG: ClassVar[int] = 20
     reason: str
 
 
-# ---- block allocator ----
+@record_type
+class TreeStats:
+    """Reply: TreeStatus."""
+
+    TAG: ClassVar[int] = 21
 
 
-@_message
+@record_type
+class BeginSnapshot:
+    """Start capturing the tree as of the last LSN applied (copy-on-write from now on; one
+    capture at a time, a new one replaces any other). Reply: SnapshotStarted."""
+
+    TAG: ClassVar[int] = 22
+
+
+@record_type
+class SnapshotChunk:
+    """The next piece of capture ``capture``'s checkpoint body, about ``budget`` inode records
+    of work. Reply: SnapshotPiece; the pieces concatenated are exactly the body."""
+
+    TAG: ClassVar[int] = 23
+    capture: int
+    budget: int
+
+
+@record_type
+class AbortSnapshot:
+    """Drop capture ``capture`` if it is still the running one. Reply: Done."""
+
+    TAG: ClassVar[int] = 24
+    capture: int
+
+
+# ---- to the block allocator ----
+
+
+@record_type
 class Allocate:
-    """Reply: a flat tuple (start, length, start, length, ...) covering ``count`` blocks."""
+    """Reply: Extents covering ``count`` blocks."""
 
-    TAG: ClassVar[int] = 80
+    TAG: ClassVar[int] = 30
     count: int
 
 
-@_message
+@record_type
 class Release:
-    """Blocks allocated but never committed: free at once. Flat (start, length, ...)."""
+    """Blocks allocated but never committed: free at once. Flat (start, length, ...). Tell."""
 
-    TAG: ClassVar[int] = 81
+    TAG: ClassVar[int] = 31
     extents: tuple
 
 
-@_message
+@record_type
 class FreeAfter:
-    """Blocks unmapped by transaction ``lsn``: reusable once ``lsn`` is durable."""
+    """Blocks unmapped by transaction ``lsn``: reusable once ``lsn`` is durable. Tell."""
 
-    TAG: ClassVar[int] = 82
+    TAG: ClassVar[int] = 32
     blocks: tuple
     lsn: int
 
 
-@_message
+@record_type
 class SpaceStats:
-    """Reply (blocks in use, free blocks inside the store, blocks waiting for a durable free)."""
+    """Reply: SpaceStatus."""
 
-    TAG: ClassVar[int] = 84
-
-
-# ---- WAL writer ----
+    TAG: ClassVar[int] = 33
 
 
-@_message
+# ---- to the WAL writer ----
+
+
+@record_type
 class Append:
-    """One transaction's redo operations (already encoded), to be logged as record ``lsn``."""
+    """One transaction's redo operations (already encoded), to be logged as record ``lsn``.
+    Tell."""
 
-    TAG: ClassVar[int] = 90
+    TAG: ClassVar[int] = 40
     lsn: int
     payload: bytes
 
 
-@_message
+@record_type
 class WaitDurable:
-    """Reply (durable LSN) once every record up to ``lsn`` is on stable storage."""
+    """Reply: Durable, once every record up to ``lsn`` is on stable storage."""
 
-    TAG: ClassVar[int] = 91
+    TAG: ClassVar[int] = 41
     lsn: int
 
 
-@_message
+@record_type
 class TrimLog:
-    """Start a new segment and delete segments holding only records <= ``upto``."""
+    """Start a new segment and delete segments holding only records <= ``upto``. Reply: Done."""
 
-    TAG: ClassVar[int] = 92
+    TAG: ClassVar[int] = 42
     upto: int
 
 
-@_message
+@record_type
 class WalStats:
-    """Reply (durable LSN, batches, records, fsyncs, bytes since last trim, failed reason)."""
+    """Reply: LogStatus."""
 
-    TAG: ClassVar[int] = 93
+    TAG: ClassVar[int] = 43
 
 
-@_message
+# ---- to the recovery coordinator ----
+
+
+@record_type
 class Checkpoint:
-    """To the recovery coordinator: take a checkpoint now; reply its LSN."""
+    """Take a checkpoint now. Reply: CheckpointTaken."""
 
-    TAG: ClassVar[int] = 100
+    TAG: ClassVar[int] = 50
 
 
-@_message
+@record_type
 class CheckpointStats:
-    """To the recovery coordinator: reply (checkpoints written, seconds the last one took)."""
+    """Reply: CheckpointCounts."""
 
-    TAG: ClassVar[int] = 101
+    TAG: ClassVar[int] = 51
 
 
 # ---- replies ----
 
 
-@_message
-class Ok:
-    TAG: ClassVar[int] = 120
-    value: Any = None
-    lsn: int = 0
+@record_type
+class Done:
+    """A request with nothing to answer has been carried out."""
+
+    TAG: ClassVar[int] = 100
 
 
-@_message
+@record_type
+class Changed:
+    """A transaction's result: the inode's attributes after it, and its commit ticket (the LSN
+    to wait for to make it durable; 0 when nothing changed)."""
+
+    TAG: ClassVar[int] = 101
+    attr: Attr
+    lsn: int
+
+
+@record_type
+class Committed:
+    """A transaction's commit ticket (0 when nothing changed)."""
+
+    TAG: ClassVar[int] = 102
+    lsn: int
+
+
+@record_type
+class TreeStatus:
+    TAG: ClassVar[int] = 103
+    inodes: int
+    last_lsn: int
+    failsafe: str | None
+
+
+@record_type
+class Extents:
+    """Flat (start, length, start, length, ...)."""
+
+    TAG: ClassVar[int] = 104
+    extents: tuple
+
+
+@record_type
+class SpaceStatus:
+    """In blocks: in use (leased included), free inside the store, waiting for a durable free,
+    and what the disk under the data directory can still add (its log reserve left out)."""
+
+    TAG: ClassVar[int] = 105
+    used: int
+    free: int
+    pending: int
+    disk_free: int
+
+
+@record_type
+class Durable:
+    TAG: ClassVar[int] = 106
+    lsn: int
+
+
+@record_type
+class LogStatus:
+    TAG: ClassVar[int] = 107
+    durable_lsn: int
+    batches: int
+    records: int
+    fsyncs: int
+    bytes_since_trim: int
+    failed: str | None
+
+
+@record_type
+class SnapshotStarted:
+    TAG: ClassVar[int] = 108
+    capture: int
+    lsn: int
+
+
+@record_type
+class SnapshotPiece:
+    TAG: ClassVar[int] = 109
+    last: bool
+    data: bytes
+
+
+@record_type
+class CheckpointTaken:
+    TAG: ClassVar[int] = 110
+    lsn: int
+
+
+@record_type
+class CheckpointCounts:
+    TAG: ClassVar[int] = 111
+    written: int
+    last_seconds: float
+
+
+@record_type
 class Failed:
-    TAG: ClassVar[int] = 121
+    """The request could not be done: raised in the asker as ``FsError(errno)``."""
+
+    TAG: ClassVar[int] = 120
     errno: int
     message: str
 
 
-# ---- incremental checkpoints (recovery coordinator → tree manager) ----
-
-
-@_message
-class BeginSnapshot:
-    """Start capturing the tree as of the last LSN applied (copy-on-write from now on; one
-    capture at a time, a new one replaces any other): reply (capture id, lsn)."""
-
-    TAG: ClassVar[int] = 72
-
-
-@_message
-class SnapshotChunk:
-    """The next piece of capture ``capture``'s checkpoint body, about ``budget`` inode records
-    of work: reply (last: bool, bytes). The pieces concatenated are exactly the body."""
-
-    TAG: ClassVar[int] = 73
-    capture: int
-    budget: int
-
-
-@_message
-class AbortSnapshot:
-    """Drop capture ``capture`` if it is still the running one; reply None."""
-
-    TAG: ClassVar[int] = 74
-    capture: int
-
-
-REDO_OPS = (PutInode, DropInode, PutEntry, DropEntry, PutTarget, PutBlocks, TruncateBlocks,
-            PutXattr, DropXattr)
-_ALL = REDO_OPS + (
-    Lookup, GetAttr, SetAttr, MakeNode, Remove, Rename, Link, ReadLink, ReadDir, Forget,
-    GetXattr, ListXattr, SetXattr, RemoveXattr, MapBlocks, CommitWrite, SyncPoint, TakeSnapshot,
-    TreeStats, EnterFailsafe, Accessed,
+MESSAGES = (
+    SetAttr, MakeNode, Remove, Rename, Link, SetXattr, RemoveXattr, CommitWrite, Forget,
+    Accessed, EnterFailsafe, TreeStats, BeginSnapshot, SnapshotChunk, AbortSnapshot,
     Allocate, Release, FreeAfter, SpaceStats,
-    Append, WaitDurable, TrimLog, WalStats, Checkpoint, CheckpointStats,
-    Ok, Failed,
-    BeginSnapshot, SnapshotChunk, AbortSnapshot,
+    Append, WaitDurable, TrimLog, WalStats,
+    Checkpoint, CheckpointStats,
+    Done, Changed, Committed, TreeStatus, Extents, SpaceStatus, Durable, LogStatus,
+    SnapshotStarted, SnapshotPiece, CheckpointTaken, CheckpointCounts, Failed,
 )
-_BY_TAG = {cls.TAG: cls for cls in _ALL}
-_REDO_BY_TAG = {cls.TAG: cls for cls in REDO_OPS}
-assert len(_BY_TAG) == len(_ALL), "duplicate message tag"
-
-
-class SchemaError(ValueError):
-    """Bytes that are not a message of this schema."""
-
-
-def _as_list(message) -> list:
-    return [message.TAG, *message]
-
-
-def _from_list(items) -> Any:
-    if not isinstance(items, (list, tuple)) or not items:
-        raise SchemaError(f"not a tagged message: {items!r:.80}")
-    tag = items[0]
-    cls = _BY_TAG.get(tag) if type(tag) is int else None
-    if cls is None:
-        raise SchemaError(f"unknown message tag {items[0]!r}")
-    try:
-        return cls(*items[1:])
-    except TypeError as exc:
-        raise SchemaError(f"bad fields for {cls.__name__}: {exc}") from None
+_BY_TAG = {cls.TAG: cls for cls in MESSAGES}
+assert len(_BY_TAG) == len(MESSAGES), "duplicate message tag"
 
 
 def encode(message) -> bytes:
-    return msgpack.packb(_as_list(message), use_bin_type=True)
+    return msgpack.packb(as_list(message), use_bin_type=True)
 
 
 def decode(data: bytes) -> Any:
@@ -498,32 +405,7 @@ def decode(data: bytes) -> Any:
         items = msgpack.unpackb(data, raw=False, use_list=False)
     except (msgpack.UnpackException, ValueError) as exc:
         raise SchemaError(f"undecodable message: {exc}") from None
-    return _from_list(items)
-
-
-def encode_ops(ops) -> bytes:
-    """A transaction's redo operations, as one WAL record payload."""
-    return msgpack.packb([_as_list(op) for op in ops], use_bin_type=True)
-
-
-def decode_ops(payload: bytes) -> list:
-    try:
-        items = msgpack.unpackb(payload, raw=False, use_list=False)
-    except (msgpack.UnpackException, ValueError) as exc:
-        raise SchemaError(f"undecodable redo record: {exc}") from None
-    if not isinstance(items, tuple):
-        raise SchemaError("a redo record is an array of operations")
-    ops = []
-    for item in items:
-        # The common case inline (replay decodes a million records before a mount); anything
-        # else goes through _from_list for its precise error.
-        tag = item[0] if type(item) is tuple and item else None
-        cls = _REDO_BY_TAG.get(tag) if type(tag) is int else None
-        if cls is None:
-            op = _from_list(item)
-            raise SchemaError(f"{type(op).__name__} is not a redo operation")
-        try:
-            ops.append(cls(*item[1:]))
-        except TypeError as exc:
-            raise SchemaError(f"bad fields for {cls.__name__}: {exc}") from None
-    return ops
+    message = from_list(items, _BY_TAG)
+    if type(message) is Changed:  # msgpack gives the nested record back as a plain tuple
+        return Changed(Attr(*message.attr), message.lsn)
+    return message

@@ -19,11 +19,12 @@ import structlog
 import trio
 
 from razorfs.actors import messages as m
-from razorfs.actors.mailbox import Mailbox, handle_envelope
+from razorfs.actors.mailbox import Mailbox, dispatch
 from razorfs.actors.wal_writer import WalStatus
 from razorfs.errors import FsError, NoSuchEntry
+from razorfs.state import redo, snapshot
+from razorfs.state.tree import ROOT_INO, Attr, Inode, TreeState
 from razorfs.storage.formats import BLOCK_SIZE
-from razorfs.tree import ROOT_INO, Inode, TreeState
 
 log = structlog.get_logger("razorfs.tree")
 
@@ -49,12 +50,10 @@ class TreeQueries:
 
     Trio runs every task of the daemon on one thread and switches tasks only at an ``await``.
     None of these methods awaits, so each one runs atomically between two steps of the tree
-    manager and sees every transaction either wholly applied or not at all: the same answer an
-    ``ask`` would give, without its two task switches and two msgpack round trips (most FUSE
-    requests are lookups, getattrs, getxattrs and block maps; docs/DESIGN.md, "Direct
+    manager and sees every transaction either wholly applied or not at all: the answer an
+    ``ask`` would give, without its task switches and encodings (docs/DESIGN.md, "Direct
     queries"). The one thing they change is the kernel's lookup count, bookkeeping that is never
-    logged and that the kernel keeps in step with its own requests. The same queries are
-    answered by message too (``Lookup``, ``GetAttr``, ...), for tools and tests.
+    logged and that the kernel keeps in step with its own requests.
     """
 
     def __init__(self, state: TreeState, last_lsn: Callable[[], int],
@@ -82,7 +81,7 @@ class TreeQueries:
             raise NoSuchEntry(f"no entry {name!r} in directory {parent.ino}")
         return self._state.inodes[ino]
 
-    def lookup(self, parent_ino: int, name: bytes) -> m.Attr:
+    def lookup(self, parent_ino: int, name: bytes) -> Attr:
         parent = self.directory(parent_ino)
         if name == b".":
             inode = parent
@@ -93,7 +92,7 @@ class TreeQueries:
         inode.lookups += 1
         return inode.attr()
 
-    def getattr(self, ino: int) -> m.Attr:
+    def getattr(self, ino: int) -> Attr:
         return self.inode(ino).attr()
 
     def readlink(self, ino: int) -> bytes:
@@ -182,30 +181,21 @@ class TreeManager:
         self._failsafe: str | None = None
         self.queries = TreeQueries(state, lambda: self._last_lsn, clock)
         self._handlers = {
-            m.Lookup: self._lookup,
-            m.GetAttr: self._getattr,
             m.SetAttr: self._setattr,
             m.MakeNode: self._make_node,
             m.Remove: self._remove,
             m.Rename: self._rename,
             m.Link: self._link,
-            m.ReadLink: self._readlink,
-            m.Accessed: self._accessed,
-            m.ReadDir: self._readdir,
-            m.Forget: self._forget,
-            m.GetXattr: self._getxattr,
-            m.ListXattr: self._listxattr,
             m.SetXattr: self._setxattr,
             m.RemoveXattr: self._removexattr,
-            m.MapBlocks: self._map_blocks,
             m.CommitWrite: self._commit_write,
-            m.SyncPoint: self._sync_point,
-            m.TakeSnapshot: self._take_snapshot,
+            m.Forget: self._forget,
+            m.Accessed: self._accessed,
+            m.EnterFailsafe: self._enter_failsafe,
+            m.TreeStats: self._stats,
             m.BeginSnapshot: self._begin_snapshot,
             m.SnapshotChunk: self._snapshot_chunk,
             m.AbortSnapshot: self._abort_snapshot,
-            m.TreeStats: self._stats,
-            m.EnterFailsafe: self._enter_failsafe,
         }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -213,14 +203,11 @@ class TreeManager:
         try:
             async with self._inbox:
                 async for envelope in self._inbox:
-                    await handle_envelope(envelope, self._dispatch, "tree")
+                    await dispatch(envelope, self._handlers, "tree")
         finally:
             # Closing our side of the WAL and allocator inboxes tells them to finish.
             await self._wal.aclose()
             await self._allocator.aclose()
-
-    async def _dispatch(self, message):
-        return await self._handlers[type(message)](message)
 
     # ---- helpers ----
 
@@ -257,52 +244,22 @@ class TreeManager:
             log.exception("failsafe: transaction failed to apply", ops=[type(o).__name__ for o in ops])
             raise FsError(errno.EIO, self._failsafe) from None
         self._last_lsn += 1
-        await self._wal.tell(m.Append(self._last_lsn, m.encode_ops(ops)))
+        await self._wal.tell(m.Append(self._last_lsn, redo.encode_ops(ops)))
         if freed:
             await self._allocator.tell(m.FreeAfter(tuple(freed), self._last_lsn))
         return self._last_lsn
 
     def _drop_if_unused(self, inode: Inode, nlink_after: int, ops: list) -> None:
         if nlink_after == 0 and inode.lookups == 0:
-            ops.append(m.DropInode(inode.ino))
+            ops.append(redo.DropInode(inode.ino))
 
-    # ---- read-only requests ----
-
-    async def _lookup(self, msg: m.Lookup):
-        return self.queries.lookup(msg.parent, msg.name)
-
-    async def _getattr(self, msg: m.GetAttr):
-        return self.queries.getattr(msg.ino)
-
-    async def _readlink(self, msg: m.ReadLink):
-        return self.queries.readlink(msg.ino)
-
-    async def _readdir(self, msg: m.ReadDir):
-        return self.queries.readdir(msg.ino, msg.after, msg.limit)
-
-    async def _getxattr(self, msg: m.GetXattr):
-        return self.queries.getxattr(msg.ino, msg.name)
-
-    async def _listxattr(self, msg: m.ListXattr):
-        return self.queries.listxattr(msg.ino)
-
-    async def _map_blocks(self, msg: m.MapBlocks):
-        return self.queries.map_blocks(msg.ino, msg.first, msg.count)
+    # ---- requests ----
 
     async def _accessed(self, msg: m.Accessed):
-        """A read of ``msg.ino``: move its atime if relatime says so (``TreeQueries.atime_due``)."""
+        """A read of ``msg.ino``: move its atime if relatime says so (``atime_due``)."""
         if self._failsafe or self._wal_status.failed or not self.queries.atime_due(msg.ino):
             return
         await self._commit([self._state.inodes[msg.ino].put_op(atime_ns=self._clock())])
-
-    async def _sync_point(self, msg: m.SyncPoint):
-        return self.queries.sync_point()
-
-    async def _take_snapshot(self, msg: m.TakeSnapshot):
-        """The whole tree in one reply (stalls every request meanwhile: checkpoints use
-        BeginSnapshot and SnapshotChunk)."""
-        self._refuse_checkpoint_in_failsafe()
-        return (self._last_lsn, self._state.to_snapshot())
 
     def _refuse_checkpoint_in_failsafe(self) -> None:
         failsafe = self._failsafe or self._wal_status.failed
@@ -313,20 +270,20 @@ class TreeManager:
 
     async def _begin_snapshot(self, msg: m.BeginSnapshot):
         """Capture the tree as of the last LSN, to be read by SnapshotChunk between other
-        requests (``TreeState.begin_capture``: copy-on-write in ``apply``)."""
+        requests (``snapshot.begin_capture``: copy-on-write in ``apply``)."""
         self._refuse_checkpoint_in_failsafe()
         if self._state.capture is not None:
             log.warning("checkpoint capture replaced by a new one",
                         abandoned_lsn=self._state.capture.lsn)
-        capture = self._state.begin_capture(self._last_lsn)
-        return (capture.ident, capture.lsn)
+        capture = snapshot.begin_capture(self._state, self._last_lsn)
+        return m.SnapshotStarted(capture.ident, capture.lsn)
 
     async def _snapshot_chunk(self, msg: m.SnapshotChunk):
         capture = self._state.capture
         if capture is None or capture.ident != msg.capture:
             raise FsError(errno.ESTALE, f"checkpoint capture {msg.capture} is not running")
         self._refuse_checkpoint_in_failsafe()
-        return capture.next_chunk(msg.budget)
+        return m.SnapshotPiece(*capture.next_chunk(msg.budget))
 
     async def _abort_snapshot(self, msg: m.AbortSnapshot):
         capture = self._state.capture
@@ -334,8 +291,8 @@ class TreeManager:
             self._state.end_capture()
 
     async def _stats(self, msg: m.TreeStats):
-        return (len(self._state.inodes), self._last_lsn,
-                self._failsafe or self._wal_status.failed)
+        return m.TreeStatus(len(self._state.inodes), self._last_lsn,
+                            self._failsafe or self._wal_status.failed)
 
     async def _enter_failsafe(self, msg: m.EnterFailsafe):
         if not self._failsafe:
@@ -364,9 +321,9 @@ class TreeManager:
                 raise FsError(errno.EFBIG, "file too large")
             keep = -(-msg.size // BLOCK_SIZE)
             if msg.size < inode.size and any(lblk >= keep for lblk in inode.blocks):
-                ops.append(m.TruncateBlocks(inode.ino, keep))
+                ops.append(redo.TruncateBlocks(inode.ino, keep))
             if msg.tail is not None:
-                ops.append(m.PutBlocks(inode.ino, msg.tail))
+                ops.append(redo.PutBlocks(inode.ino, msg.tail))
             changes["size"] = msg.size
             changes["mtime_ns"] = now
         if msg.atime_ns is not None:
@@ -375,7 +332,7 @@ class TreeManager:
             changes["mtime_ns"] = msg.mtime_ns
         ops.append(inode.put_op(**changes))
         lsn = await self._commit(ops)
-        return m.Ok(inode.attr(), lsn)
+        return m.Changed(inode.attr(), lsn)
 
     async def _make_node(self, msg: m.MakeNode):
         parent = self._live_directory(msg.parent)
@@ -398,18 +355,18 @@ class TreeManager:
                 mode |= stat.S_ISGID
         is_dir = kind == stat.S_IFDIR
         ops = [
-            m.PutInode(ino, mode, 2 if is_dir else 1, msg.uid, gid,
+            redo.PutInode(ino, mode, 2 if is_dir else 1, msg.uid, gid,
                        msg.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0,
                        len(msg.target) if kind == stat.S_IFLNK else 0, now, now, now),
         ]
         if kind == stat.S_IFLNK:
-            ops.append(m.PutTarget(ino, msg.target))
-        ops.append(m.PutEntry(parent.ino, msg.name, ino))
+            ops.append(redo.PutTarget(ino, msg.target))
+        ops.append(redo.PutEntry(parent.ino, msg.name, ino))
         ops.append(parent.put_op(nlink=parent.nlink + is_dir, mtime_ns=now, ctime_ns=now))
         lsn = await self._commit(ops)
         inode = self._state.inodes[ino]
         inode.lookups += 1
-        return m.Ok(inode.attr(), lsn)
+        return m.Changed(inode.attr(), lsn)
 
     async def _remove(self, msg: m.Remove):
         parent = self._directory(msg.parent)
@@ -426,12 +383,12 @@ class TreeManager:
         now = self._clock()
         nlink_after = 0 if child.is_dir else child.nlink - 1
         ops = [
-            m.DropEntry(parent.ino, msg.name),
+            redo.DropEntry(parent.ino, msg.name),
             child.put_op(nlink=nlink_after, ctime_ns=now),
             parent.put_op(nlink=parent.nlink - child.is_dir, mtime_ns=now, ctime_ns=now),
         ]
         self._drop_if_unused(child, nlink_after, ops)
-        return m.Ok(None, await self._commit(ops))
+        return m.Committed(await self._commit(ops))
 
     def _is_inside(self, ino: int, ancestor: int) -> bool:
         while True:
@@ -454,12 +411,12 @@ class TreeManager:
         if msg.flags & pyfuse3.RENAME_EXCHANGE:
             if target is None:
                 raise FsError(errno.ENOENT, "exchange target does not exist")
-            return m.Ok(None, await self._exchange(old_parent, msg.old_name, source,
-                                                     new_parent, msg.new_name, target))
+            return m.Committed(await self._exchange(old_parent, msg.old_name, source,
+                                                    new_parent, msg.new_name, target))
         if target is not None and msg.flags & pyfuse3.RENAME_NOREPLACE:
             raise FsError(errno.EEXIST, "target exists")
         if target is source:
-            return m.Ok(None, 0)
+            return m.Committed(0)
         if source.is_dir and self._is_inside(new_parent.ino, source.ino):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         if target is not None:
@@ -474,8 +431,8 @@ class TreeManager:
         if source.is_dir:
             nlink_delta[old_parent.ino] -= 1
             nlink_delta[new_parent.ino] += 1
-        ops: list = [m.DropEntry(old_parent.ino, msg.old_name),
-                     m.PutEntry(new_parent.ino, msg.new_name, source.ino),
+        ops: list = [redo.DropEntry(old_parent.ino, msg.old_name),
+                     redo.PutEntry(new_parent.ino, msg.new_name, source.ino),
                      source.put_op(ctime_ns=now)]
         if target is not None:
             target_nlink = 0 if target.is_dir else target.nlink - 1
@@ -485,7 +442,7 @@ class TreeManager:
         for ino, delta in nlink_delta.items():
             parent = self._state.inodes[ino]
             ops.append(parent.put_op(nlink=parent.nlink + delta, mtime_ns=now, ctime_ns=now))
-        return m.Ok(None, await self._commit(ops))
+        return m.Committed(await self._commit(ops))
 
     async def _exchange(self, old_parent: Inode, old_name: bytes, source: Inode,
                         new_parent: Inode, new_name: bytes, target: Inode) -> int:
@@ -498,8 +455,8 @@ class TreeManager:
                 raise FsError(errno.EINVAL, "cannot move a directory into itself")
         now = self._clock()
         delta = int(target.is_dir) - int(source.is_dir)
-        ops: list = [m.PutEntry(old_parent.ino, old_name, target.ino),
-                     m.PutEntry(new_parent.ino, new_name, source.ino),
+        ops: list = [redo.PutEntry(old_parent.ino, old_name, target.ino),
+                     redo.PutEntry(new_parent.ino, new_name, source.ino),
                      source.put_op(ctime_ns=now), target.put_op(ctime_ns=now)]
         if old_parent is new_parent:
             ops.append(old_parent.put_op(mtime_ns=now, ctime_ns=now))
@@ -521,12 +478,12 @@ class TreeManager:
         if msg.new_name in parent.directory.names:
             raise FsError(errno.EEXIST, f"{msg.new_name!r} exists")
         now = self._clock()
-        ops = [m.PutEntry(parent.ino, msg.new_name, inode.ino),
+        ops = [redo.PutEntry(parent.ino, msg.new_name, inode.ino),
                inode.put_op(nlink=inode.nlink + 1, ctime_ns=now),
                parent.put_op(mtime_ns=now, ctime_ns=now)]
         lsn = await self._commit(ops)
         inode.lookups += 1
-        return m.Ok(inode.attr(), lsn)
+        return m.Changed(inode.attr(), lsn)
 
     async def _forget(self, msg: m.Forget):
         unused = {}
@@ -537,10 +494,10 @@ class TreeManager:
             inode.lookups = max(0, inode.lookups - msg.pairs[i + 1])
             if inode.nlink == 0 and inode.lookups == 0:
                 # The kernel may name one inode twice in a batch: drop it once.
-                unused[inode.ino] = m.DropInode(inode.ino)
+                unused[inode.ino] = redo.DropInode(inode.ino)
         ops = list(unused.values())
         if ops and not self._failsafe:
-            return m.Ok(None, await self._commit(ops))
+            return m.Committed(await self._commit(ops))
         return None
 
     async def _setxattr(self, msg: m.SetXattr):
@@ -552,21 +509,21 @@ class TreeManager:
         if xattrs.get(msg.name) == msg.value:
             # As ext4: storing the value an attribute already has changes nothing, not even
             # ctime (but still fails on a read-only filesystem).
-            return m.Ok(None, await self._commit([]))
+            return m.Committed(await self._commit([]))
         total = sum(len(k) + len(v) for k, v in xattrs.items() if k != msg.name)
         if total + len(msg.name) + len(msg.value) > XATTR_TOTAL_MAX:
             raise FsError(errno.ENOSPC, "no space left for extended attributes")
-        ops = [m.PutXattr(inode.ino, msg.name, msg.value),
+        ops = [redo.PutXattr(inode.ino, msg.name, msg.value),
                inode.put_op(ctime_ns=self._clock())]
-        return m.Ok(None, await self._commit(ops))
+        return m.Committed(await self._commit(ops))
 
     async def _removexattr(self, msg: m.RemoveXattr):
         inode = self._inode(msg.ino)
         check_xattr_name(msg.name)
         if msg.name not in (inode.xattrs or {}):
             raise FsError(pyfuse3.ENOATTR, "no such attribute")
-        ops = [m.DropXattr(inode.ino, msg.name), inode.put_op(ctime_ns=self._clock())]
-        return m.Ok(None, await self._commit(ops))
+        ops = [redo.DropXattr(inode.ino, msg.name), inode.put_op(ctime_ns=self._clock())]
+        return m.Committed(await self._commit(ops))
 
     async def _commit_write(self, msg: m.CommitWrite):
         inode = self._inode(msg.ino)
@@ -576,7 +533,7 @@ class TreeManager:
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, "file too large")
         now = self._clock()
-        ops = [m.PutBlocks(inode.ino, msg.blocks),
+        ops = [redo.PutBlocks(inode.ino, msg.blocks),
                inode.put_op(size=max(inode.size, end), mtime_ns=now, ctime_ns=now)]
         lsn = await self._commit(ops)
-        return m.Ok(inode.attr(), lsn)
+        return m.Changed(inode.attr(), lsn)

@@ -21,7 +21,7 @@ import structlog
 import trio
 
 from razorfs.actors import messages as m
-from razorfs.actors.mailbox import Envelope, handle_envelope, reply
+from razorfs.actors.mailbox import Envelope, ReplyLater, ReplySlot, answer, dispatch
 from razorfs.log import debug_enabled
 from razorfs.storage import formats
 from razorfs.storage.blockstore import BlockStore
@@ -63,9 +63,15 @@ class WalWriter:
         self._pending: list[tuple[int, bytes]] = []
         self._pending_bytes = 0
         self._oldest_pending_at = math.inf
-        self._waiters: list[tuple[int, Envelope]] = []
+        self._waiters: list[tuple[int, ReplySlot | None]] = []
         self._failed: str | None = None
         self._stats = {"batches": 0, "records": 0, "fsyncs": 0, "bytes_since_trim": 0}
+        self._handlers = {
+            m.Append: self._append,
+            m.WaitDurable: ReplyLater(self._wait_durable),
+            m.TrimLog: self._trim_log,
+            m.WalStats: self._wal_stats,
+        }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await trio.to_thread.run_sync(self._start_segment, self._durable_lsn + 1)
@@ -83,7 +89,7 @@ class WalWriter:
                 # Everything already in the inbox joins the batch before a commit starts.
                 envelope = await self._next_envelope()
                 while envelope is not None:
-                    await self._handle(envelope)
+                    await dispatch(envelope, self._handlers, "wal")
                     try:
                         envelope = self._inbox.receive_nowait()
                     except trio.WouldBlock:
@@ -95,9 +101,8 @@ class WalWriter:
         await self._commit()
 
     async def _next_envelope(self) -> Envelope | None:
-        """The next message, or None once the oldest waiting record is commit_interval old.
-        No cancel scope while nothing waits: entering and leaving one was 5% of the main
-        thread's profile samples under a single fsync-per-write writer."""
+        """The next message, or None once the oldest waiting record is commit_interval old
+        (no cancel scope while nothing waits: one per message is a cost on the hot path)."""
         deadline = self._oldest_pending_at + self._commit_interval
         if deadline == math.inf:
             return await self._inbox.receive()
@@ -113,34 +118,10 @@ class WalWriter:
                 and trio.current_time() >= self._oldest_pending_at + self._commit_interval)
         )
 
-    async def _handle(self, envelope: Envelope) -> None:
-        message = m.decode(envelope.payload)
-        if isinstance(message, m.Append):
-            self._append(message)
-        elif isinstance(message, m.WaitDurable):
-            if self._failed:
-                reply(envelope, m.Failed(errno.EIO, f"log failed: {self._failed}"))
-            elif message.lsn <= self._durable_lsn:
-                reply(envelope, m.Ok(self._durable_lsn))
-            else:
-                self._waiters.append((message.lsn, envelope))
-        else:
-            await handle_envelope(envelope, self._dispatch, "wal")
-
-    async def _dispatch(self, message):
-        if isinstance(message, m.TrimLog):
-            await self._commit()
-            await trio.to_thread.run_sync(self._trim, message.upto)
-            return None
-        if isinstance(message, m.WalStats):
-            s = self._stats
-            return (self._durable_lsn, s["batches"], s["records"], s["fsyncs"],
-                    s["bytes_since_trim"], self._failed)
-        raise TypeError(f"WAL writer does not handle {type(message).__name__}")
-
-    def _append(self, message: m.Append) -> None:
-        if message.lsn != self._appended_lsn + 1:
-            raise AssertionError(f"LSN {message.lsn} appended after {self._appended_lsn}")
+    async def _append(self, message: m.Append) -> None:
+        if message.lsn != self._appended_lsn + 1 and not self._failed:
+            # a gap would make every later record unreachable at replay: stop logging now
+            self._fail(f"LSN {message.lsn} appended after {self._appended_lsn}")
         self._appended_lsn = message.lsn
         if self._failed:
             return
@@ -148,6 +129,23 @@ class WalWriter:
             self._oldest_pending_at = trio.current_time()
         self._pending.append((message.lsn, message.payload))
         self._pending_bytes += len(message.payload) + formats.RECORD_HEADER_SIZE
+
+    async def _wait_durable(self, message: m.WaitDurable, slot: ReplySlot | None) -> None:
+        if self._failed:
+            answer(slot, m.Failed(errno.EIO, f"log failed: {self._failed}"))
+        elif message.lsn <= self._durable_lsn:
+            answer(slot, m.Durable(self._durable_lsn))
+        else:
+            self._waiters.append((message.lsn, slot))
+
+    async def _trim_log(self, message: m.TrimLog) -> None:
+        await self._commit()
+        await trio.to_thread.run_sync(self._trim, message.upto)
+
+    async def _wal_stats(self, message: m.WalStats) -> m.LogStatus:
+        s = self._stats
+        return m.LogStatus(self._durable_lsn, s["batches"], s["records"], s["fsyncs"],
+                           s["bytes_since_trim"], self._failed)
 
     async def _commit(self) -> None:
         if self._pending and not self._failed:
@@ -179,13 +177,13 @@ class WalWriter:
 
     def _answer_waiters(self) -> None:
         still_waiting = []
-        for lsn, envelope in self._waiters:
+        for lsn, slot in self._waiters:
             if self._failed:
-                reply(envelope, m.Failed(errno.EIO, f"log failed: {self._failed}"))
+                answer(slot, m.Failed(errno.EIO, f"log failed: {self._failed}"))
             elif lsn <= self._durable_lsn:
-                reply(envelope, m.Ok(self._durable_lsn))
+                answer(slot, m.Durable(self._durable_lsn))
             else:
-                still_waiting.append((lsn, envelope))
+                still_waiting.append((lsn, slot))
         self._waiters = still_waiting
 
     def _write_batch(self, data: bytes) -> int:

@@ -28,7 +28,7 @@ class RealFile(StorageFile):
         if got != length:
             return None
         self._counters.add(read=got)
-        return buffer  # not copied into bytes: a 1 MiB copy is a third of a cached read
+        return buffer  # not copied into bytes: the copy is a visible share of a cached read
 
     def pwrite(self, offset: int, data: bytes) -> None:
         view = memoryview(data)

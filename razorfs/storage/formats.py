@@ -36,7 +36,7 @@ WAL segment
     16 8  batch: the group-commit number that wrote the record (one pwrite + one fsync per batch)
     24 4  CRC of bytes 4..23, then bytes 28..31, then the payload
     28 4  following: how many records of the same batch come after this one
-    32 P  payload: msgpack of the transaction's redo operations (razorfs.actors.messages)
+    32 P  payload: msgpack of the transaction's redo operations (razorfs.state.redo)
     then zero padding to a multiple of 8.
   A segment is preallocated with zeros, so the log's end is the first slot that is not a valid
   record: wrong magic, bad CRC, or an LSN that is not the previous one plus one.
@@ -61,7 +61,7 @@ checkpoint
     36 4  CRC of the body
     40 4  reserved, zero
     44 4  CRC of bytes 0..43
-  body: msgpack of the tree state (razorfs.tree.TreeState.to_snapshot)
+  body: msgpack of the tree state (razorfs.state.snapshot: its layout is described there)
   Valid iff both CRCs match and the file holds exactly 48 + B bytes. Written to a temp name,
   fsynced, renamed, directory fsynced: a crash leaves the old or the new file, never a mix.
 

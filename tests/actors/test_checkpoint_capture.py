@@ -7,12 +7,13 @@ import random
 import pytest
 import trio
 
+from razorfs.state import redo, snapshot
 from razorfs.actors import messages as m
-from razorfs.actors.recovery import list_checkpoints
+from razorfs.storage.checkpoints import list_checkpoints
 from razorfs.storage import formats
 from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.storage.wal import scan_log
-from razorfs.tree import TreeState
+from razorfs.state.tree import TreeState
 
 from .harness import FILE, ROOT, mounted, pattern, raises
 
@@ -31,10 +32,10 @@ def disk_uuid(disk) -> bytes:
 
 def replayed_until(disk, since: int, until: int) -> TreeState:
     """The checkpoint of LSN ``since`` plus every logged transaction up to ``until``."""
-    state = TreeState.from_snapshot(checkpoint_body(disk, since))
+    state = snapshot.decode(checkpoint_body(disk, since))
     for record in scan_log(disk, disk_uuid(disk), since).records:
         if record.lsn <= until:
-            for op in m.decode_ops(record.payload):
+            for op in redo.decode_ops(record.payload):
                 state.apply(op)
     return state
 
@@ -100,7 +101,7 @@ async def test_requests_are_served_between_chunks_and_the_checkpoint_is_exact(
         assert min(served_during_capture) > checkpoint_lsn
         # Exactly the tree as of its LSN: the previous checkpoint plus the log up to that LSN.
         assert checkpoint_body(disk, checkpoint_lsn) == \
-            replayed_until(disk, first, checkpoint_lsn).to_snapshot()
+            snapshot.encode(replayed_until(disk, first, checkpoint_lsn))
         expected = await fs.dump()
         crashed = disk.crash()
     async with mounted(crashed) as fs:
@@ -118,15 +119,15 @@ async def test_unchanged_tree_aborts_its_capture(fs):
 async def test_one_capture_at_a_time(fs):
     state = fs.recovered.state
     await fs.create(b"a")
-    old, _ = (await fs.call(m.BeginSnapshot())).value
-    new, lsn = (await fs.call(m.BeginSnapshot())).value
+    old, _ = await fs.call(m.BeginSnapshot())
+    new, lsn = await fs.call(m.BeginSnapshot())
     assert state.capture.ident == new
     with raises(errno.ESTALE):
         await fs.call(m.SnapshotChunk(old, 10))
     await fs.tree.tell(m.AbortSnapshot(old))  # not the running one: ignored
-    assert (await fs.call(m.SnapshotChunk(new, 1))).value[0] is False
+    assert (await fs.call(m.SnapshotChunk(new, 1))).last is False
     await fs.tree.tell(m.AbortSnapshot(new))
-    await fs.call(m.SyncPoint())  # the tell was handled
+    await fs.call(m.TreeStats())  # the tell was handled
     assert state.capture is None
     with raises(errno.ESTALE):
         await fs.call(m.SnapshotChunk(new, 10))
@@ -140,7 +141,7 @@ async def test_failsafe_in_the_middle_of_a_capture_refuses_and_drops_it(disk):
             await fs.create(b"f%d" % i)
         f = await fs.create(b"f")
         await fs.sync()
-        ident, _ = (await fs.call(m.BeginSnapshot())).value
+        ident, _ = await fs.call(m.BeginSnapshot())
         await fs.call(m.SnapshotChunk(ident, 1))
         # A transaction that fails to apply halfway: failsafe (see test_recovery).
         with raises(errno.EIO):

@@ -8,7 +8,8 @@ import trio
 
 from razorfs import fsck
 from razorfs.actors import messages as m
-from razorfs.actors.recovery import list_checkpoints, load
+from razorfs.state.recovery import load
+from razorfs.storage.checkpoints import list_checkpoints
 from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.storage.wal import list_segments
 
@@ -54,7 +55,7 @@ async def test_power_cut_keeps_exactly_what_was_durable(disk):
         assert fs.recovered.replayed > 0
         assert await fs.dump() == durable
         big = await fs.resolve("dir/sub/big")
-        assert (await fs.call(m.GetXattr(big, b"user.k"))).value == b"v"
+        assert fs.queries.getxattr(big, b"user.k") == b"v"
     assert fsck.check(crashed).clean
 
 
@@ -109,7 +110,7 @@ async def test_replayed_records_are_checkpointed_once_the_mount_serves(disk, aut
     async with mounted(crashed, checkpoint_poll=3600.0) as fs:
         assert fs.recovered.replayed > 0 and fs.recovered.checkpoint_due
         await trio.sleep(1)
-        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        assert (await fs.coordinator.ask(m.CheckpointStats())).written == 1
         assert list_checkpoints(crashed)[-1][0] == fs.recovered.last_lsn
         assert await fs.dump() == expected
         crashed_again = crashed.crash()
@@ -190,7 +191,7 @@ async def test_log_write_error_turns_the_filesystem_read_only(disk, op, path):
         with raises(errno.EIO):
             await fs.wait_durable(lsn)
         assert (await fs.wal_stats()).failed
-        assert (await fs.call(m.TreeStats())).value[2], "tree manager does not report failsafe"
+        assert (await fs.call(m.TreeStats())).failsafe, "tree manager does not report failsafe"
         changes = [lambda: fs.create(b"later"), lambda: fs.write(kept.ino, 0, b"x"),
                    lambda: fs.truncate(kept.ino, 0),
                    lambda: fs.call(m.Remove(ROOT, b"kept", False)),
@@ -201,7 +202,7 @@ async def test_log_write_error_turns_the_filesystem_read_only(disk, op, path):
         assert (await fs.space()).used == 2, f"refused writes kept blocks: {await fs.space()}"
         assert (await fs.lookup(ROOT, b"kept")).ino == kept.ino
         assert await fs.read(kept.ino) == b"durable bytes"
-        assert (await fs.call(m.GetXattr(kept.ino, b"user.x"))).value == b"1"
+        assert fs.queries.getxattr(kept.ino, b"user.x") == b"1"
         assert b"kept" in await fs.listdir()
         crashed = disk.crash()
     async with mounted(crashed) as fs:
@@ -234,11 +235,11 @@ async def test_log_growth_triggers_a_checkpoint(disk, autojump_clock):
         lsn = await fs.sync()
         await trio.sleep(2.5)  # one poll
         # The coordinator serves requests in turn: this answers after any checkpoint it started.
-        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        assert (await fs.coordinator.ask(m.CheckpointStats())).written == 1
         assert list_checkpoints(disk)[-1][0] == lsn
         assert (await fs.wal_stats()).bytes_since_trim == 0
         await trio.sleep(10)  # nothing new logged: no more checkpoints
-        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        assert (await fs.coordinator.ask(m.CheckpointStats())).written == 1
 
 
 async def test_record_count_triggers_a_checkpoint_and_bounds_the_replay(disk, autojump_clock):
@@ -251,17 +252,17 @@ async def test_record_count_triggers_a_checkpoint_and_bounds_the_replay(disk, au
             await fs.call(m.SetXattr(f.ino, b"user.x", b"%d" % i))
         assert await fs.sync() == first + 49
         await trio.sleep(2.5)
-        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 0  # 49 records
+        assert (await fs.coordinator.ask(m.CheckpointStats())).written == 0  # 49 records
         await fs.call(m.SetXattr(f.ino, b"user.x", b"last"))
         lsn = await fs.sync()
         await trio.sleep(2.5)
-        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        assert (await fs.coordinator.ask(m.CheckpointStats())).written == 1
         assert list_checkpoints(disk)[-1][0] == lsn
         for i in range(3):
             await fs.call(m.SetXattr(f.ino, b"user.y", b"%d" % i))
         await fs.sync()
         await trio.sleep(10)  # 3 records since the checkpoint: no other
-        assert (await fs.coordinator.ask(m.CheckpointStats())).value[0] == 1
+        assert (await fs.coordinator.ask(m.CheckpointStats())).written == 1
         crashed = disk.crash()
     recovered = load(crashed)
     assert (recovered.checkpoint_lsn, recovered.replayed) == (lsn, 3)
@@ -281,7 +282,7 @@ async def test_half_applied_transaction_never_reaches_a_checkpoint(disk):
     report = fsck.check(disk)
     assert report.clean, report.problems
     async with mounted(disk) as fs:
-        assert (await fs.call(m.MapBlocks(f.ino, 0, 2))).value == (0, ())
+        assert fs.queries.map_blocks(f.ino, 0, 2) == (0, ())
 
 
 async def test_frequent_stats_requests_do_not_hold_off_checkpoints(disk, autojump_clock):
@@ -296,6 +297,6 @@ async def test_frequent_stats_requests_do_not_hold_off_checkpoints(disk, autojum
         # coordinator's first check.
         for _ in range(30):  # 15 s
             await trio.sleep(0.5)
-            checkpoints = (await fs.coordinator.ask(m.CheckpointStats())).value[0]
+            checkpoints = (await fs.coordinator.ask(m.CheckpointStats())).written
         assert checkpoints == 1
         assert (await fs.wal_stats()).bytes_since_trim == 0

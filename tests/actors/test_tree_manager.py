@@ -31,9 +31,9 @@ async def test_create_lookup_getattr(fs):
     assert await fs.getattr(created.ino) == created
     assert (await fs.lookup(ROOT, b".")).ino == (await fs.lookup(ROOT, b"..")).ino == ROOT
     link = await fs.create(b"l", mode=stat.S_IFLNK | 0o777, target=b"a/b/c")
-    assert link.size == 5 and (await fs.call(m.ReadLink(link.ino))).value == b"a/b/c"
+    assert link.size == 5 and fs.queries.readlink(link.ino) == b"a/b/c"
     with raises(errno.EINVAL):
-        await fs.call(m.ReadLink(created.ino))
+        fs.queries.readlink(created.ino)
 
 
 async def test_mkdir_rmdir_rename_keep_directory_link_counts(fs):
@@ -59,8 +59,8 @@ async def test_errors_carry_the_linux_errno(fs):
     await fs.create(b"inner", d.ino)
     await fs.mkdir(b"empty")
     cases = [
-        (errno.ENOENT, m.Lookup(ROOT, b"missing")),
-        (errno.ENOENT, m.GetAttr(999)),
+        (errno.ENOENT, lambda: fs.queries.lookup(ROOT, b"missing")),
+        (errno.ENOENT, lambda: fs.queries.getattr(999)),
         (errno.ENOENT, m.Remove(ROOT, b"missing", False)),
         (errno.ENOENT, m.Rename(ROOT, b"missing", ROOT, b"x", 0)),
         (errno.EEXIST, m.MakeNode(ROOT, b"f", FILE, 0, 0, 0)),
@@ -69,25 +69,28 @@ async def test_errors_carry_the_linux_errno(fs):
         (errno.ENOTEMPTY, m.Remove(ROOT, b"d", True)),
         (errno.ENOTEMPTY, m.Rename(ROOT, b"empty", ROOT, b"d", 0)),
         (errno.ENOTDIR, m.MakeNode(f.ino, b"x", FILE, 0, 0, 0)),
-        (errno.ENOTDIR, m.Lookup(f.ino, b"x")),
+        (errno.ENOTDIR, lambda: fs.queries.lookup(f.ino, b"x")),
         (errno.ENOTDIR, m.Remove(ROOT, b"f", True)),
         (errno.ENOTDIR, m.Rename(ROOT, b"empty", ROOT, b"f", 0)),
         (errno.EISDIR, m.Remove(ROOT, b"d", False)),
         (errno.EISDIR, m.Rename(ROOT, b"f", ROOT, b"empty", 0)),
         (errno.EISDIR, m.SetAttr(d.ino, size=0)),
-        (errno.EISDIR, m.MapBlocks(d.ino, 0, 1)),
+        (errno.EISDIR, lambda: fs.queries.map_blocks(d.ino, 0, 1)),
         (errno.EPERM, m.Link(d.ino, ROOT, b"dlink")),
         (errno.ENAMETOOLONG, m.MakeNode(ROOT, b"n" * 256, FILE, 0, 0, 0)),
-        (errno.ENAMETOOLONG, m.Lookup(ROOT, b"n" * 256)),
+        (errno.ENAMETOOLONG, lambda: fs.queries.lookup(ROOT, b"n" * 256)),
         (errno.ENAMETOOLONG, m.Rename(ROOT, b"f", ROOT, b"n" * 256, 0)),
         (errno.ENAMETOOLONG, m.Link(f.ino, ROOT, b"n" * 256)),
         (errno.EINVAL, m.MakeNode(ROOT, b"a/b", FILE, 0, 0, 0)),
         (errno.EINVAL, m.Rename(ROOT, b"f", ROOT, b"g", EXCHANGE | NOREPLACE)),
     ]
     before = await fs.dump()
-    for code, message in cases:
+    for code, request in cases:
         with raises(code):
-            await fs.call(message)
+            if callable(request):  # a direct query
+                request()
+            else:
+                await fs.call(request)
     assert await fs.dump() == before, "a failed request changed the tree"
     assert (await fs.create(b"n" * 255)).nlink == 1
 
@@ -143,7 +146,7 @@ async def test_link_and_unlink_count_names(fs):
     f = await fs.create(b"f")
     await fs.write(f.ino, 0, b"shared")
     d = await fs.mkdir(b"d")
-    assert (await fs.call(m.Link(f.ino, d.ino, b"g"))).value[2] == 2
+    assert (await fs.call(m.Link(f.ino, d.ino, b"g"))).attr.nlink == 2
     assert (await fs.getattr(d.ino)).nlink == 2  # a file link is not a subdirectory
     await remove(fs, ROOT, b"f")
     g = await fs.lookup(d.ino, b"g")
@@ -188,18 +191,18 @@ async def test_xattrs(fs):
     f = await fs.create(b"f")
     ino = f.ino
     with raises(pyfuse3.ENOATTR):
-        await fs.call(m.GetXattr(ino, b"user.a"))
+        fs.queries.getxattr(ino, b"user.a")
     await fs.call(m.SetXattr(ino, b"user.a", b"1"))
     await fs.call(m.SetXattr(ino, b"trusted.b", b""))
     await fs.call(m.SetXattr(ino, b"user.a", b"2"))  # replace
-    assert (await fs.call(m.GetXattr(ino, b"user.a"))).value == b"2"
-    assert (await fs.call(m.GetXattr(ino, b"trusted.b"))).value == b""
-    assert sorted((await fs.call(m.ListXattr(ino))).value) == [b"trusted.b", b"user.a"]
+    assert fs.queries.getxattr(ino, b"user.a") == b"2"
+    assert fs.queries.getxattr(ino, b"trusted.b") == b""
+    assert sorted(fs.queries.listxattr(ino)) == [b"trusted.b", b"user.a"]
     await fs.call(m.RemoveXattr(ino, b"user.a"))
-    assert (await fs.call(m.ListXattr(ino))).value == (b"trusted.b",)
+    assert fs.queries.listxattr(ino) == (b"trusted.b",)
     for code, message in [
         (pyfuse3.ENOATTR, m.RemoveXattr(ino, b"user.a")),
-        (pyfuse3.ENOATTR, m.GetXattr(ino, b"user.a")),
+        (pyfuse3.ENOATTR, lambda: fs.queries.getxattr(ino, b"user.a")),
         (errno.ERANGE, m.SetXattr(ino, b"user." + b"x" * 251, b"v")),
         (errno.E2BIG, m.SetXattr(ino, b"user.big", bytes(65537))),
         (errno.EOPNOTSUPP, m.SetXattr(ino, b"other.a", b"v")),
@@ -207,16 +210,19 @@ async def test_xattrs(fs):
         (errno.ENOENT, m.SetXattr(999, b"user.a", b"v")),
     ]:
         with raises(code):
-            await fs.call(message)
+            if callable(message):  # a direct query
+                message()
+            else:
+                await fs.call(message)
     await fs.call(m.SetXattr(ino, b"user." + b"x" * 250, bytes(65536)))  # both limits inclusive
-    assert (await fs.call(m.ListXattr(ino))).value == (b"trusted.b", b"user." + b"x" * 250)
+    assert fs.queries.listxattr(ino) == (b"trusted.b", b"user." + b"x" * 250)
 
 
 async def test_readdir_cookies_resume_across_changes(fs):
     names = [b"n%02d" % i for i in range(10)]
     for name in names:
         await fs.create(name)
-    first = (await fs.call(m.ReadDir(ROOT, 0, 4))).value
+    first = fs.queries.readdir(ROOT, 0, 4)
     cookies = [e[1] for e in first]
     assert cookies == sorted(set(cookies))
     returned = {e[0] for e in first}
@@ -225,10 +231,10 @@ async def test_readdir_cookies_resume_across_changes(fs):
     await remove(fs, ROOT, gone)
     await remove(fs, ROOT, recreated)  # already returned: it keeps its place, not repeated
     await fs.create(recreated)
-    rest = (await fs.call(m.ReadDir(ROOT, cookies[-1], 100))).value
+    rest = fs.queries.readdir(ROOT, cookies[-1], 100)
     assert sorted(e[0] for e in rest) == sorted(set(pending) - {gone})
     assert all(e[1] > cookies[-1] for e in rest)
-    assert (await fs.call(m.ReadDir(ROOT, rest[-1][1], 100))).value == ()
+    assert fs.queries.readdir(ROOT, rest[-1][1], 100) == ()
     assert {e[2][0] for e in rest} == {(await fs.lookup(ROOT, e[0])).ino for e in rest}
 
 
@@ -237,21 +243,21 @@ async def test_truncate_frees_blocks_once_durable(fs):
     data = pattern(7, 4 * BLOCK_SIZE)
     await fs.write(f.ino, 0, data)
     await fs.sync()
-    assert await fs.space() == (4, 0, 0)
+    assert (await fs.space())[:3] == (4, 0, 0)
     assert (await fs.getattr(f.ino)).blocks == 4 * BLOCK_SIZE // 512
     lsn = await fs.truncate(f.ino, BLOCK_SIZE + 100)  # keeps block 0, copies block 1's head
     attr = await fs.getattr(f.ino)
     assert attr.size == BLOCK_SIZE + 100 and attr.blocks == 2 * BLOCK_SIZE // 512
     assert (await fs.space()).pending == 3, "unmapped blocks reusable before durable"
     await fs.wait_durable(lsn)
-    assert await fs.space() == (2, 3, 0)
+    assert (await fs.space())[:3] == (2, 3, 0)
     assert await fs.read(f.ino) == data[: BLOCK_SIZE + 100]
     await fs.truncate(f.ino, 3 * BLOCK_SIZE)  # grows with zeros, not with the old bytes
     assert await fs.read(f.ino) == data[: BLOCK_SIZE + 100] + bytes(2 * BLOCK_SIZE - 100)
     await fs.sync()
     await fs.truncate(f.ino, 0)
     await fs.sync()
-    assert await fs.space() == (0, 5, 0)
+    assert (await fs.space())[:3] == (0, 5, 0)
     assert (await fs.getattr(f.ino)).blocks == 0
 
 
@@ -263,6 +269,9 @@ async def test_nearly_full_disk_refuses_data_but_not_metadata(fs):
     space = fs.disk.space()
     # Room for two more blocks above the space kept for the log and checkpoints.
     fs.disk.capacity = space.total - space.available + RESERVED_BYTES + 2 * BLOCK_SIZE
+    # Blocks leased earlier may use up to a lease of the reserve: give them back, so that the
+    # allocator decides every allocation from here.
+    await fs.data.close()
     await fs.write(f.ino, 4 * BLOCK_SIZE, pattern(2, 2 * BLOCK_SIZE))
     data += pattern(2, 2 * BLOCK_SIZE)
     with raises(errno.ENOSPC):

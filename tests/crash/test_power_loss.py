@@ -207,7 +207,7 @@ class Workload:
         async def go(fs):
             reply = await fs.call(m.MakeNode(self.dirs[parent_of(path)], name_of(path), mode,
                                              0, 0, 0, target))
-            ino = reply.value[0]
+            ino = reply.attr.ino
             if stat.S_ISDIR(mode):
                 self.dirs[path] = ino
             else:

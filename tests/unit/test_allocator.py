@@ -68,6 +68,18 @@ def test_free_merges_with_both_neighbours() -> None:
     assert space.extents() == [(0, 10)] and space.free_count == 10
 
 
+def test_trim_top_gives_back_a_free_run_at_the_high_water_mark() -> None:
+    space = FreeSpace()
+    space.allocate(8)
+    space.free(2, 1)
+    space.trim_top()  # the top block is in use: nothing to give back
+    assert space.high_water == 8 and space.extents() == [(2, 1)]
+    space.free(5, 3)
+    space.trim_top()
+    assert space.high_water == 5 and space.extents() == [(2, 1)] and space.free_count == 1
+    assert space.allocate(3) == [(5, 3)]  # the store grows there again
+
+
 def test_freed_blocks_are_reused() -> None:
     space = FreeSpace()
     space.allocate(8)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import stat
 
+from razorfs.state import redo, snapshot
 from razorfs import fsck
-from razorfs.actors import messages as m
-from razorfs.actors.recovery import load, write_checkpoint
+from razorfs.state.recovery import load
+from razorfs.storage.checkpoints import write_checkpoint
 from razorfs.datadir import format_storage
 from razorfs.storage.blockstore import BlockStore
 from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.storage.simdisk import SimDisk
-from razorfs.tree import ROOT_INO
+from razorfs.state.tree import ROOT_INO
 
 FILE = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
@@ -26,17 +27,17 @@ def broken_disk() -> SimDisk:
     crcs = blocks.write((0, 2), bytes(range(256)) * (2 * BLOCK_SIZE // 256))
     blocks.close()
     for op in (
-        m.PutInode(2, FILE, 1, 0, 0, 0, 10, 1, 1, 1),      # no name points to it
-        m.PutInode(3, FILE, 5, 0, 0, 0, 100, 1, 1, 1),     # nlink 5, one name
-        m.PutEntry(ROOT_INO, b"wrong-nlink", 3),
-        m.PutBlocks(3, (0, 0, crcs[0], 1, 1, crcs[1])),   # block 1 lies past the 100-byte end
-        m.PutInode(4, DIR, 2, 0, 0, 0, 0, 1, 1, 1),
-        m.PutEntry(ROOT_INO, b"dir", 4),
-        m.PutInode(ROOT_INO, DIR, 3, 0, 0, 0, 0, 1, 1, 1),
+        redo.PutInode(2, FILE, 1, 0, 0, 0, 10, 1, 1, 1),      # no name points to it
+        redo.PutInode(3, FILE, 5, 0, 0, 0, 100, 1, 1, 1),     # nlink 5, one name
+        redo.PutEntry(ROOT_INO, b"wrong-nlink", 3),
+        redo.PutBlocks(3, (0, 0, crcs[0], 1, 1, crcs[1])),   # block 1 lies past the 100-byte end
+        redo.PutInode(4, DIR, 2, 0, 0, 0, 0, 1, 1, 1),
+        redo.PutEntry(ROOT_INO, b"dir", 4),
+        redo.PutInode(ROOT_INO, DIR, 3, 0, 0, 0, 0, 1, 1, 1),
     ):
         state.apply(op)
     state.inodes[4].directory.put(b"dangling", 99)  # an entry to a missing inode
-    write_checkpoint(disk, superblock.uuid, 0, state.to_snapshot())
+    write_checkpoint(disk, superblock.uuid, 0, snapshot.encode(state))
     return disk
 
 
@@ -69,10 +70,10 @@ def test_damaged_data_block_is_reported_not_repaired():
     blocks = BlockStore(disk)
     (checksum,) = blocks.write((0, 1), b"a" * BLOCK_SIZE)
     blocks.close()
-    for op in (m.PutInode(2, FILE, 1, 0, 0, 0, BLOCK_SIZE, 1, 1, 1),
-               m.PutEntry(ROOT_INO, b"f", 2), m.PutBlocks(2, (0, 0, checksum))):
+    for op in (redo.PutInode(2, FILE, 1, 0, 0, 0, BLOCK_SIZE, 1, 1, 1),
+               redo.PutEntry(ROOT_INO, b"f", 2), redo.PutBlocks(2, (0, 0, checksum))):
         state.apply(op)
-    write_checkpoint(disk, superblock.uuid, 0, state.to_snapshot())
+    write_checkpoint(disk, superblock.uuid, 0, snapshot.encode(state))
     with disk.open("blocks") as store:
         store.pwrite(17, b"b")
     report = fsck.repair(disk)

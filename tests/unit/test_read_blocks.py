@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from razorfs.fuse.operations import ChecksumMismatch, read_blocks
+from razorfs.fuse.datapath import ChecksumMismatch, read_blocks
 from razorfs.storage.formats import BLOCK_SIZE, crc
 
 STORE = os.urandom(64 * BLOCK_SIZE)  # a block store of 64 blocks

@@ -6,15 +6,16 @@ import stat
 
 import pytest
 
-from razorfs.actors import messages as m
-from razorfs.actors import recovery
-from razorfs.actors.recovery import load, recover, write_checkpoint
+from razorfs.state import redo, snapshot
+from razorfs.storage import checkpoints
+from razorfs.state.recovery import load, recover
+from razorfs.storage.checkpoints import write_checkpoint
 from razorfs.datadir import format_storage
 from razorfs.storage import formats
 from razorfs.storage.formats import FORMAT_VERSION, FormatError, Superblock
 from razorfs.storage.simdisk import SimDisk
 from razorfs.storage.wal import scan_log
-from razorfs.tree import ROOT_INO, TreeState
+from razorfs.state.tree import ROOT_INO, TreeState
 
 T0 = 1_700_000_000_000_000_000
 REG = stat.S_IFREG | 0o644
@@ -31,7 +32,7 @@ def superblock(disk: SimDisk) -> Superblock:
 
 
 def file_ops(ino: int, name: bytes, nlink: int = 1) -> list:
-    return [m.PutInode(ino, REG, nlink, 0, 0, 0, 0, T0, T0, T0), m.PutEntry(ROOT_INO, name, ino)]
+    return [redo.PutInode(ino, REG, nlink, 0, 0, 0, 0, T0, T0, T0), redo.PutEntry(ROOT_INO, name, ino)]
 
 
 def state_with(*files: tuple[int, bytes]) -> TreeState:
@@ -53,7 +54,7 @@ def write_wal(disk: SimDisk, uuid: bytes, first_lsn: int, transactions: list[lis
     """One segment holding one record (one batch) per transaction, then ``tail``, then zeros."""
     data = formats.encode_segment_header(first_lsn, uuid)
     for i, ops in enumerate(transactions):
-        data += formats.encode_record(first_lsn + i, i + 1, m.encode_ops(ops))
+        data += formats.encode_record(first_lsn + i, i + 1, redo.encode_ops(ops))
     data += tail + bytes(1024)
     path = formats.segment_name(first_lsn)
     with disk.open(path, create=True) as f:
@@ -81,7 +82,7 @@ def test_load_of_a_fresh_filesystem_returns_the_root_only(disk, superblock) -> N
 
 
 def test_load_uses_the_newest_valid_checkpoint(disk, superblock) -> None:
-    write_checkpoint(disk, superblock.uuid, 5, state_with((2, b"five")).to_snapshot())
+    write_checkpoint(disk, superblock.uuid, 5, snapshot.encode(state_with((2, b"five"))))
     recovered = load(disk)
     assert recovered.checkpoint_lsn == 5 and recovered.last_lsn == 5
     assert names(recovered.state) == {b"five"}
@@ -89,7 +90,7 @@ def test_load_uses_the_newest_valid_checkpoint(disk, superblock) -> None:
 
 @pytest.mark.parametrize("damage", ["body-byte", "header-byte", "truncated", "other-uuid"])
 def test_damaged_newest_checkpoint_falls_back_to_the_older_one(disk, superblock, damage) -> None:
-    write_checkpoint(disk, superblock.uuid, 5, state_with((2, b"five")).to_snapshot())
+    write_checkpoint(disk, superblock.uuid, 5, snapshot.encode(state_with((2, b"five"))))
     newest = formats.checkpoint_name(5)
     if damage == "body-byte":
         flip_byte(disk, newest, formats.CHECKPOINT_HEADER_SIZE + 3)
@@ -98,7 +99,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(disk, superblock,
     elif damage == "truncated":
         disk.write_file_atomically(newest, disk.read_file(newest)[:-2])
     else:
-        write_checkpoint(disk, bytes(16), 5, state_with((2, b"five")).to_snapshot())
+        write_checkpoint(disk, bytes(16), 5, snapshot.encode(state_with((2, b"five"))))
     recovered = load(disk)
     assert recovered.checkpoint_lsn == 0 and names(recovered.state) == set()
     assert len(recovered.skipped_checkpoints) == 1
@@ -108,7 +109,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(disk, superblock,
 def test_fallback_checkpoint_plus_the_log_rebuild_everything(disk, superblock) -> None:
     transactions = [file_ops(2, b"one"), file_ops(3, b"two"), file_ops(4, b"three")]
     write_wal(disk, superblock.uuid, 1, transactions)
-    write_checkpoint(disk, superblock.uuid, 2, state_with((2, b"one"), (3, b"two")).to_snapshot())
+    write_checkpoint(disk, superblock.uuid, 2, snapshot.encode(state_with((2, b"one"), (3, b"two"))))
     flip_byte(disk, formats.checkpoint_name(2), formats.CHECKPOINT_HEADER_SIZE)
     recovered = load(disk)
     assert recovered.checkpoint_lsn == 0 and recovered.replayed == 3
@@ -117,7 +118,7 @@ def test_fallback_checkpoint_plus_the_log_rebuild_everything(disk, superblock) -
 
 
 def test_all_checkpoints_damaged_is_refused(disk, superblock) -> None:
-    write_checkpoint(disk, superblock.uuid, 5, state_with().to_snapshot())
+    write_checkpoint(disk, superblock.uuid, 5, snapshot.encode(state_with()))
     flip_byte(disk, formats.checkpoint_name(0), formats.CHECKPOINT_HEADER_SIZE)
     flip_byte(disk, formats.checkpoint_name(5), 20)
     with pytest.raises(FormatError, match="no valid checkpoint") as info:
@@ -157,8 +158,8 @@ def test_missing_superblock_is_refused(disk) -> None:
 
 def test_load_replays_wal_records_after_the_checkpoint(disk, superblock) -> None:
     write_wal(disk, superblock.uuid, 1, [file_ops(2, b"a"), file_ops(3, b"b"),
-                                         [m.PutXattr(3, b"user.x", b"1")]])
-    write_checkpoint(disk, superblock.uuid, 1, state_with((2, b"a")).to_snapshot())
+                                         [redo.PutXattr(3, b"user.x", b"1")]])
+    write_checkpoint(disk, superblock.uuid, 1, snapshot.encode(state_with((2, b"a"))))
     recovered = load(disk)
     assert recovered.checkpoint_lsn == 1 and recovered.replayed == 2
     assert names(recovered.state) == {b"a", b"b"}
@@ -167,16 +168,16 @@ def test_load_replays_wal_records_after_the_checkpoint(disk, superblock) -> None
 
 
 def test_load_reclaims_orphans(disk, superblock) -> None:
-    orphan = file_ops(2, b"gone", nlink=1) + [m.DropEntry(ROOT_INO, b"gone"),
-                                              m.PutInode(2, REG, 0, 0, 0, 0, 0, T0, T0, T0),
-                                              m.PutBlocks(2, (0, 5, 0))]
+    orphan = file_ops(2, b"gone", nlink=1) + [redo.DropEntry(ROOT_INO, b"gone"),
+                                              redo.PutInode(2, REG, 0, 0, 0, 0, 0, T0, T0, T0),
+                                              redo.PutBlocks(2, (0, 5, 0))]
     write_wal(disk, superblock.uuid, 1, [orphan])
     recovered = load(disk)
     assert recovered.orphans == 1 and 2 not in recovered.state.inodes
 
 
 def test_unreplayable_record_is_refused_naming_it(disk, superblock) -> None:
-    write_wal(disk, superblock.uuid, 1, [file_ops(2, b"a"), [m.DropEntry(ROOT_INO, b"nope")]])
+    write_wal(disk, superblock.uuid, 1, [file_ops(2, b"a"), [redo.DropEntry(ROOT_INO, b"nope")]])
     with pytest.raises(FormatError, match="WAL record LSN 2 at offset .* cannot be replayed"):
         load(disk)
 
@@ -203,7 +204,7 @@ def test_recover_cuts_a_torn_tail_and_checkpoints_the_replayed_state(disk, super
     cut = recovered.log_end.offset
     assert disk.read_file(path)[cut:] == b""  # everything from the torn record on is gone
     assert scan_log(disk, superblock.uuid, 0).end.reason is None
-    assert recovery.list_checkpoints(disk)[-1] == (2, formats.checkpoint_name(2))
+    assert checkpoints.list_checkpoints(disk)[-1] == (2, formats.checkpoint_name(2))
     again = load(disk)
     assert again.checkpoint_lsn == 2 and again.replayed == 0
     assert names(again.state) == {b"a", b"b"}
@@ -214,7 +215,7 @@ def test_recover_can_leave_replayed_records_to_a_later_checkpoint(disk, superblo
                      tail=b"torn!" * 8)
     recovered = recover(disk, defer_checkpoint=True)
     assert recovered.checkpoint_due and recovered.replayed == 2
-    assert recovery.list_checkpoints(disk) == [(0, formats.checkpoint_name(0))]
+    assert checkpoints.list_checkpoints(disk) == [(0, formats.checkpoint_name(0))]
     assert disk.read_file(path)[recovered.log_end.offset:] == b""  # the torn tail is cut all the same
     again = load(disk)  # what the checkpoint would have held, replayed again
     assert again.replayed == 2 and names(again.state) == {b"a", b"b"}
@@ -224,12 +225,12 @@ def test_recover_can_leave_replayed_records_to_a_later_checkpoint(disk, superblo
 def test_recover_checkpoints_reclaimed_orphans_even_when_deferring(disk, superblock) -> None:
     """A reclaimed orphan is a change the log does not hold: it must reach a checkpoint
     before the mount, whatever the caller prefers."""
-    orphan = file_ops(2, b"gone") + [m.DropEntry(ROOT_INO, b"gone"),
-                                     m.PutInode(2, REG, 0, 0, 0, 0, 0, T0, T0, T0)]
+    orphan = file_ops(2, b"gone") + [redo.DropEntry(ROOT_INO, b"gone"),
+                                     redo.PutInode(2, REG, 0, 0, 0, 0, 0, T0, T0, T0)]
     write_wal(disk, superblock.uuid, 1, [orphan, file_ops(3, b"kept")])
     recovered = recover(disk, defer_checkpoint=True)
     assert recovered.orphans == 1 and not recovered.checkpoint_due
-    assert recovery.list_checkpoints(disk)[-1][0] == 2
+    assert checkpoints.list_checkpoints(disk)[-1][0] == 2
     again = load(disk)
     assert (again.replayed, again.orphans) == (0, 0) and names(again.state) == {b"kept"}
 
@@ -239,24 +240,24 @@ def test_recover_checkpoints_reclaimed_orphans_even_when_deferring(disk, superbl
 
 def test_write_checkpoint_keeps_only_the_newest_two(disk, superblock) -> None:
     for lsn in (3, 9, 12):
-        write_checkpoint(disk, superblock.uuid, lsn, state_with((lsn, b"x%d" % lsn)).to_snapshot())
+        write_checkpoint(disk, superblock.uuid, lsn, snapshot.encode(state_with((lsn, b"x%d" % lsn))))
     assert disk.listdir(formats.CHECKPOINT_DIR) == ["0000000000000009.ckpt",
                                                     "000000000000000c.ckpt"]
     for lsn in (9, 12):
         got_lsn, body = formats.decode_checkpoint(
             disk.read_file(formats.checkpoint_name(lsn)), superblock.uuid, "ck")
-        assert got_lsn == lsn and names(TreeState.from_snapshot(body)) == {b"x%d" % lsn}
+        assert got_lsn == lsn and names(snapshot.decode(body)) == {b"x%d" % lsn}
 
 
 def test_written_checkpoints_survive_a_crash(disk, superblock) -> None:
-    write_checkpoint(disk, superblock.uuid, 4, state_with((2, b"kept")).to_snapshot())
+    write_checkpoint(disk, superblock.uuid, 4, snapshot.encode(state_with((2, b"kept"))))
     after_crash = disk.crash()
     recovered = load(after_crash)
     assert recovered.checkpoint_lsn == 4 and names(recovered.state) == {b"kept"}
 
 
 def test_checkpoint_body_written_in_parts_is_the_same_file(disk, superblock):
-    body = TreeState.fresh(uid=0, gid=0, now_ns=1).to_snapshot()
+    body = snapshot.encode(TreeState.fresh(uid=0, gid=0, now_ns=1))
     uuid = superblock.uuid
     write_checkpoint(disk, uuid, 5, [body[:3], body[3:10], b"", body[10:]])
     whole = formats.encode_checkpoint(5, uuid, body)

@@ -10,8 +10,8 @@ from array import array
 import msgpack
 import pytest
 
-from razorfs.actors import messages as m
-from razorfs.tree import ROOT_INO, TreeState
+from razorfs.state import redo, snapshot
+from razorfs.state.tree import ROOT_INO, TreeState
 
 T0 = 1_700_000_000_000_000_000
 DIR = stat.S_IFDIR | 0o755
@@ -54,7 +54,7 @@ def canonical(state: TreeState) -> dict:
 
 def chunked(state: TreeState, budget: int, between=lambda: None, lsn: int = 7) -> bytes:
     """Capture ``state`` in chunks of ``budget``, calling ``between`` before every chunk."""
-    capture = state.begin_capture(lsn)
+    capture = snapshot.begin_capture(state, lsn)
     assert state.capture is capture and capture.lsn == lsn
     parts = []
     while True:
@@ -97,10 +97,10 @@ class Mutator:
             else:
                 ino = state.next_ino
             mode = rng.choice([DIR, REG, LNK, FIFO])
-            ops = [m.PutInode(ino, mode, 1, 0, 0, 0, 0, T0, T0, T0),
-                   m.PutEntry(rng.choice(dirs), rng.choice(NAMES), ino)]
+            ops = [redo.PutInode(ino, mode, 1, 0, 0, 0, 0, T0, T0, T0),
+                   redo.PutEntry(rng.choice(dirs), rng.choice(NAMES), ino)]
             if mode == LNK:
-                ops.append(m.PutTarget(ino, rng.randbytes(rng.randrange(1, 40))))
+                ops.append(redo.PutTarget(ino, rng.randbytes(rng.randrange(1, 40))))
             return ops
         if kind == "drop":
             candidates = [ino for ino in self.inodes() if ino != ROOT_INO
@@ -109,30 +109,30 @@ class Mutator:
                 return []
             ino = rng.choice(candidates)
             self.dropped.append(ino)
-            return [m.DropEntry(parent, name) for parent, name in self.entries()
-                    if state.inodes[parent].directory.names[name] == ino] + [m.DropInode(ino)]
+            return [redo.DropEntry(parent, name) for parent, name in self.entries()
+                    if state.inodes[parent].directory.names[name] == ino] + [redo.DropInode(ino)]
         if kind == "put_entry":
-            return [m.PutEntry(rng.choice(dirs), rng.choice(NAMES), rng.choice(self.inodes()))]
+            return [redo.PutEntry(rng.choice(dirs), rng.choice(NAMES), rng.choice(self.inodes()))]
         if kind == "drop_entry":
             entries = self.entries()
-            return [m.DropEntry(*rng.choice(entries))] if entries else []
+            return [redo.DropEntry(*rng.choice(entries))] if entries else []
         if kind == "target":
             links = self.inodes(stat.S_IFLNK)
-            return [m.PutTarget(rng.choice(links), rng.randbytes(9))] if links else []
+            return [redo.PutTarget(rng.choice(links), rng.randbytes(9))] if links else []
         if not files and kind in ("blocks", "truncate"):
             return []
         if kind == "blocks":
             flat = []
             for _ in range(rng.randrange(1, 6)):
                 flat += [rng.randrange(64), rng.randrange(1 << 32), rng.randrange(1 << 32)]
-            return [m.PutBlocks(rng.choice(files), tuple(flat))]
+            return [redo.PutBlocks(rng.choice(files), tuple(flat))]
         if kind == "truncate":
-            return [m.TruncateBlocks(rng.choice(files), rng.randrange(64))]
+            return [redo.TruncateBlocks(rng.choice(files), rng.randrange(64))]
         if kind == "put_xattr":
-            return [m.PutXattr(rng.choice(self.inodes()), rng.choice(XATTRS), rng.randbytes(5))]
+            return [redo.PutXattr(rng.choice(self.inodes()), rng.choice(XATTRS), rng.randbytes(5))]
         present = [(ino, name) for ino in self.inodes()
                    for name in (state.inodes[ino].xattrs or ())]
-        return [m.DropXattr(*rng.choice(present))] if present else []
+        return [redo.DropXattr(*rng.choice(present))] if present else []
 
 
 def random_state(rng: random.Random, size: int) -> tuple[TreeState, Mutator]:
@@ -147,10 +147,10 @@ def random_state(rng: random.Random, size: int) -> tuple[TreeState, Mutator]:
 def test_to_snapshot_is_the_checkpoint_format() -> None:
     rng = random.Random(1)
     state, _ = random_state(rng, 300)
-    state.apply(m.PutInode(state.next_ino + 5, REG, 1, 0, 0, 0, 0, T0, T0, T0))
-    state.apply(m.PutInode(state.next_ino - 3, REG, 1, 0, 0, 0, 0, T0, T0, T0))  # out of order
+    state.apply(redo.PutInode(state.next_ino + 5, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    state.apply(redo.PutInode(state.next_ino - 3, REG, 1, 0, 0, 0, 0, T0, T0, T0))  # out of order
     assert list(state.inodes) != sorted(state.inodes)
-    assert state.to_snapshot() == reference_snapshot(state) == chunked(state, 3)
+    assert snapshot.encode(state) == reference_snapshot(state) == chunked(state, 3)
 
 
 def rng_mode(ino: int) -> int:
@@ -160,48 +160,48 @@ def rng_mode(ino: int) -> int:
 def test_inodes_out_of_number_order_are_captured_in_order() -> None:
     state = TreeState.fresh(uid=0, gid=0, now_ns=T0)
     for ino in range(2, 40):
-        state.apply(m.PutInode(ino, rng_mode(ino), 1, 0, 0, 0, ino, T0, T0, T0))
-        state.apply(m.PutEntry(ROOT_INO, b"name-%d" % ino, ino))
-    state.apply(m.DropInode(7))
+        state.apply(redo.PutInode(ino, rng_mode(ino), 1, 0, 0, 0, ino, T0, T0, T0))
+        state.apply(redo.PutEntry(ROOT_INO, b"name-%d" % ino, ino))
+    state.apply(redo.DropInode(7))
     assert state.numbers_in_order
-    assert TreeState.from_snapshot(state.to_snapshot()).numbers_in_order
-    next_ino, records = msgpack.unpackb(state.to_snapshot())  # an older checkpoint's order
+    assert snapshot.decode(snapshot.encode(state)).numbers_in_order
+    next_ino, records = msgpack.unpackb(snapshot.encode(state))  # an older checkpoint's order
     shuffled = msgpack.packb((next_ino, records[1:] + records[:1]))
-    loaded = TreeState.from_snapshot(shuffled)
+    loaded = snapshot.decode(shuffled)
     assert not loaded.numbers_in_order
-    assert chunked(loaded, 2) == loaded.to_snapshot() == state.to_snapshot()
-    state.apply(m.PutInode(state.next_ino + 3, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    assert chunked(loaded, 2) == snapshot.encode(loaded) == snapshot.encode(state)
+    state.apply(redo.PutInode(state.next_ino + 3, REG, 1, 0, 0, 0, 0, T0, T0, T0))
     assert state.numbers_in_order
-    state.apply(m.PutInode(state.next_ino - 2, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    state.apply(redo.PutInode(state.next_ino - 2, REG, 1, 0, 0, 0, 0, T0, T0, T0))
     assert not state.numbers_in_order
-    assert chunked(state, 2) == state.to_snapshot()
+    assert chunked(state, 2) == snapshot.encode(state)
 
 
 @pytest.mark.parametrize("budget", [1, 2, 5, 64, 10_000])
 def test_chunks_of_an_unchanging_state_are_to_snapshot(budget) -> None:
     state, _ = random_state(random.Random(budget), 400)
     big = state.next_ino
-    state.apply(m.PutInode(big, DIR, 2, 0, 0, 0, 0, T0, T0, T0))
+    state.apply(redo.PutInode(big, DIR, 2, 0, 0, 0, 0, T0, T0, T0))
     for i in range(700):  # a directory and a file bigger than a small chunk
-        state.apply(m.PutEntry(big, b"entry-%d" % i, ROOT_INO))
-    state.apply(m.PutInode(big + 1, REG, 1, 0, 0, 0, 0, T0, T0, T0))
-    state.apply(m.PutBlocks(big + 1, tuple(v for i in range(900) for v in (i, i + 7, i * 3))))
-    state.apply(m.PutXattr(big + 1, b"user.x", b"y"))
-    assert chunked(state, budget) == state.to_snapshot() == reference_snapshot(state)
+        state.apply(redo.PutEntry(big, b"entry-%d" % i, ROOT_INO))
+    state.apply(redo.PutInode(big + 1, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    state.apply(redo.PutBlocks(big + 1, tuple(v for i in range(900) for v in (i, i + 7, i * 3))))
+    state.apply(redo.PutXattr(big + 1, b"user.x", b"y"))
+    assert chunked(state, budget) == snapshot.encode(state) == reference_snapshot(state)
 
 
 def test_fresh_and_empty_states() -> None:
     fresh = TreeState.fresh(uid=0, gid=0, now_ns=T0)
-    assert chunked(fresh, 1) == fresh.to_snapshot()
+    assert chunked(fresh, 1) == snapshot.encode(fresh)
     empty = TreeState()
-    assert chunked(empty, 1) == empty.to_snapshot() == msgpack.packb((2, []))
+    assert chunked(empty, 1) == snapshot.encode(empty) == msgpack.packb((2, []))
 
 
 @pytest.fixture
 def colliding_cookies(monkeypatch):
     """Names hashed to a handful of cookies: a name dropped and put again often takes
     another cookie than it had (the next free one)."""
-    monkeypatch.setattr("razorfs.tree.name_cookie", lambda name: 1 + sum(name) % 7)
+    monkeypatch.setattr("razorfs.state.tree.name_cookie", lambda name: 1 + sum(name) % 7)
 
 
 @pytest.mark.parametrize("seed", range(150))
@@ -214,15 +214,15 @@ def test_changes_between_chunks_do_not_reach_the_capture(seed, request) -> None:
     state, mutator = random_state(rng, rng.randrange(5, 200))
     if seed % 3 == 0:  # a big directory and file, produced in pieces, changed in between
         big = state.next_ino
-        for op in (m.PutInode(big, DIR, 2, 0, 0, 0, 0, T0, T0, T0),
-                   m.PutInode(big + 1, REG, 1, 0, 0, 0, 0, T0, T0, T0),
-                   m.PutEntry(ROOT_INO, b"big", big), m.PutEntry(big, b"file", big + 1),
-                   m.PutBlocks(big + 1, tuple(v for i in range(300) for v in (i, i, i)))):
+        for op in (redo.PutInode(big, DIR, 2, 0, 0, 0, 0, T0, T0, T0),
+                   redo.PutInode(big + 1, REG, 1, 0, 0, 0, 0, T0, T0, T0),
+                   redo.PutEntry(ROOT_INO, b"big", big), redo.PutEntry(big, b"file", big + 1),
+                   redo.PutBlocks(big + 1, tuple(v for i in range(300) for v in (i, i, i)))):
             state.apply(op)
         for i in range(rng.randrange(100, 400)):
-            state.apply(m.PutEntry(big, b"e%d" % i, big + 1))
-    expected = state.to_snapshot()
-    twin = TreeState.from_snapshot(expected)  # the same changes, without a capture
+            state.apply(redo.PutEntry(big, b"e%d" % i, big + 1))
+    expected = snapshot.encode(state)
+    twin = snapshot.decode(expected)  # the same changes, without a capture
 
     def change() -> None:
         for _ in range(rng.randrange(4)):
@@ -239,16 +239,16 @@ def test_a_big_directory_changed_while_it_is_produced_in_pieces(seed, colliding_
     rng = random.Random(seed)
     state = TreeState.fresh(uid=0, gid=0, now_ns=T0)
     big = 2
-    state.apply(m.PutInode(big, DIR, 2, 0, 0, 0, 0, T0, T0, T0))
-    state.apply(m.PutEntry(ROOT_INO, b"big", big))
+    state.apply(redo.PutInode(big, DIR, 2, 0, 0, 0, 0, T0, T0, T0))
+    state.apply(redo.PutEntry(ROOT_INO, b"big", big))
     for ino in range(3, 8):
-        state.apply(m.PutInode(ino, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+        state.apply(redo.PutInode(ino, REG, 1, 0, 0, 0, 0, T0, T0, T0))
     names = [b"name-%d" % i for i in range(300)]
     for name in names:
-        state.apply(m.PutEntry(big, name, rng.randrange(3, 8)))
-    state.apply(m.PutXattr(big, b"user.x", b"1"))
-    expected = state.to_snapshot()
-    twin = TreeState.from_snapshot(expected)
+        state.apply(redo.PutEntry(big, name, rng.randrange(3, 8)))
+    state.apply(redo.PutXattr(big, b"user.x", b"1"))
+    expected = snapshot.encode(state)
+    twin = snapshot.decode(expected)
     gone: list[bytes] = []
     emptied = seed % 4 == 0  # the directory emptied and dropped halfway
 
@@ -259,26 +259,26 @@ def test_a_big_directory_changed_while_it_is_produced_in_pieces(seed, colliding_
             if kind == 0 and names:  # drop a name
                 name = names.pop(rng.randrange(len(names)))
                 gone.append(name)
-                ops.append(m.DropEntry(big, name))
+                ops.append(redo.DropEntry(big, name))
             elif kind == 1 and gone:  # put it back, maybe with another cookie
                 name = gone.pop(rng.randrange(len(gone)))
                 names.append(name)
-                ops.append(m.PutEntry(big, name, rng.randrange(3, 8)))
+                ops.append(redo.PutEntry(big, name, rng.randrange(3, 8)))
             elif kind == 2 and names:  # point a name elsewhere
-                ops.append(m.PutEntry(big, rng.choice(names), rng.randrange(3, 8)))
+                ops.append(redo.PutEntry(big, rng.choice(names), rng.randrange(3, 8)))
             elif kind == 3:  # a new name
                 name = b"new-%d" % rng.randrange(1 << 20)
                 if name not in names:
                     names.append(name)
-                    ops.append(m.PutEntry(big, name, 3))
+                    ops.append(redo.PutEntry(big, name, 3))
             else:
-                ops.append(m.PutXattr(big, b"user.x", rng.randbytes(3)))
+                ops.append(redo.PutXattr(big, b"user.x", rng.randbytes(3)))
         if emptied and state.capture is not None and rng.random() < 0.2 and big in state.inodes:
-            ops += [m.DropEntry(big, name) for name in names] + [m.DropEntry(ROOT_INO, b"big"),
-                                                                  m.DropInode(big)]
+            ops += [redo.DropEntry(big, name) for name in names] + [redo.DropEntry(ROOT_INO, b"big"),
+                                                                  redo.DropInode(big)]
             names.clear()
         for op in ops:
-            if big in state.inodes or not isinstance(op, (m.PutEntry, m.DropEntry, m.PutXattr)):
+            if big in state.inodes or not isinstance(op, (redo.PutEntry, redo.DropEntry, redo.PutXattr)):
                 state.apply(op)
                 twin.apply(op)
 
@@ -291,27 +291,27 @@ def test_a_big_file_changed_while_it_is_produced_in_pieces(seed) -> None:
     rng = random.Random(seed)
     state = TreeState.fresh(uid=0, gid=0, now_ns=T0)
     big = 2
-    state.apply(m.PutInode(big, REG, 1, 0, 0, 0, 0, T0, T0, T0))
-    state.apply(m.PutEntry(ROOT_INO, b"big", big))
+    state.apply(redo.PutInode(big, REG, 1, 0, 0, 0, 0, T0, T0, T0))
+    state.apply(redo.PutEntry(ROOT_INO, b"big", big))
     lblks = rng.sample(range(5000), 1000)  # a map in no particular order
-    state.apply(m.PutBlocks(big, tuple(v for lblk in lblks for v in (lblk, lblk + 9, lblk))))
-    expected = state.to_snapshot()
-    twin = TreeState.from_snapshot(expected)
+    state.apply(redo.PutBlocks(big, tuple(v for lblk in lblks for v in (lblk, lblk + 9, lblk))))
+    expected = snapshot.encode(state)
+    twin = snapshot.decode(expected)
 
     def change() -> None:
         if big not in state.inodes or rng.random() < 0.5:
             return
         kind = rng.randrange(5)
         if kind == 0:
-            ops = [m.PutBlocks(big, (rng.choice(lblks), 1, 2, rng.randrange(5000), 3, 4))]
+            ops = [redo.PutBlocks(big, (rng.choice(lblks), 1, 2, rng.randrange(5000), 3, 4))]
         elif kind == 1:
-            ops = [m.TruncateBlocks(big, rng.randrange(5000))]
+            ops = [redo.TruncateBlocks(big, rng.randrange(5000))]
         elif kind == 2:
-            ops = [m.PutXattr(big, b"user.x", rng.randbytes(4))]
+            ops = [redo.PutXattr(big, b"user.x", rng.randbytes(4))]
         elif kind == 3:
             ops = [state.inodes[big].put_op(size=rng.randrange(1 << 30))]
         else:
-            ops = [m.DropEntry(ROOT_INO, b"big"), m.DropInode(big)]
+            ops = [redo.DropEntry(ROOT_INO, b"big"), redo.DropInode(big)]
         for op in ops:
             assert sorted(state.apply(op)) == sorted(twin.apply(op))
 
@@ -321,15 +321,15 @@ def test_a_big_file_changed_while_it_is_produced_in_pieces(seed) -> None:
 
 def test_copies_are_taken_once_and_released_as_records_go_out() -> None:
     state, _ = random_state(random.Random(5), 100)
-    expected = state.to_snapshot()
-    capture = state.begin_capture(1)
+    expected = snapshot.encode(state)
+    capture = snapshot.begin_capture(state, 1)
     last = max(state.inodes)
     state.apply(state.inodes[last].put_op(nlink=99))
     copy = capture.saved[last]
     state.apply(state.inodes[last].put_op(nlink=98))
     assert capture.saved[last] is copy and copy.nlink != 98
     new = state.next_ino
-    state.apply(m.PutInode(new, REG, 1, 0, 0, 0, 0, T0, T0, T0))  # created after: not copied
+    state.apply(redo.PutInode(new, REG, 1, 0, 0, 0, 0, T0, T0, T0))  # created after: not copied
     assert new not in capture.saved
     parts = []
     while not capture.done:
@@ -342,23 +342,23 @@ def test_copies_are_taken_once_and_released_as_records_go_out() -> None:
 
 def test_abandoned_capture_stops_copying_and_a_new_one_replaces_it() -> None:
     state, _ = random_state(random.Random(9), 100)
-    first = state.begin_capture(3)
+    first = snapshot.begin_capture(state, 3)
     first.next_chunk(2)
     state.end_capture()
     assert state.capture is None
     state.apply(state.inodes[max(state.inodes)].put_op(nlink=7))
     assert not first.saved, "an abandoned capture must cost nothing"
-    second = state.begin_capture(4)
-    third = state.begin_capture(5)  # one at a time: the newest wins
+    second = snapshot.begin_capture(state, 4)
+    third = snapshot.begin_capture(state, 5)  # one at a time: the newest wins
     assert state.capture is third and second.ident != third.ident != first.ident
-    expected = state.to_snapshot()
+    expected = snapshot.encode(state)
     assert chunked(state, 4) == expected
 
 
 def test_lookup_counts_and_parents_are_not_part_of_records() -> None:
     state, _ = random_state(random.Random(3), 100)
-    expected = state.to_snapshot()
-    capture = state.begin_capture(1)
+    expected = snapshot.encode(state)
+    capture = snapshot.begin_capture(state, 1)
     for inode in state.inodes.values():
         inode.lookups += 3
         inode.parent = 12345

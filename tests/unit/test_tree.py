@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 import stat
 
-import msgpack
 import pytest
 
+from razorfs.state import redo, snapshot
 from razorfs.actors import messages as m
 from razorfs.storage.formats import BLOCK_SIZE
-from razorfs.tree import ROOT_INO, Directory, ReplayError, TreeState, name_cookie
+from razorfs.state.tree import ROOT_INO, Directory, ReplayError, TreeState, name_cookie
 
 T0 = 1_700_000_000_000_000_000
 DIR = stat.S_IFDIR | 0o755
@@ -19,8 +19,8 @@ LNK = stat.S_IFLNK | 0o777
 FIFO = stat.S_IFIFO | 0o600
 
 
-def put(ino: int, mode: int, nlink: int = 1, size: int = 0, uid: int = 1000) -> m.PutInode:
-    return m.PutInode(ino, mode, nlink, uid, 100, 0, size, T0 + 1, T0 + 2, T0 + 3)
+def put(ino: int, mode: int, nlink: int = 1, size: int = 0, uid: int = 1000) -> redo.PutInode:
+    return redo.PutInode(ino, mode, nlink, uid, 100, 0, size, T0 + 1, T0 + 2, T0 + 3)
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def state() -> TreeState:
 
 def make_file(state: TreeState, ino: int, name: bytes, parent: int = ROOT_INO) -> None:
     state.apply(put(ino, REG))
-    state.apply(m.PutEntry(parent, name, ino))
+    state.apply(redo.PutEntry(parent, name, ino))
 
 
 def names(state: TreeState, ino: int) -> dict[bytes, int]:
@@ -55,7 +55,7 @@ def test_put_inode_creates_then_updates_attributes(state) -> None:
     assert state.apply(put(7, REG, size=10)) == []
     assert state.get(7).attr() == (7, REG, 1, 1000, 100, 0, 10, 0, T0 + 1, T0 + 2, T0 + 3)
     assert state.next_ino == 8
-    state.apply(m.PutInode(7, stat.S_IFREG | 0o600, 3, 0, 0, 0, 99, 1, 2, 3))
+    state.apply(redo.PutInode(7, stat.S_IFREG | 0o600, 3, 0, 0, 0, 99, 1, 2, 3))
     assert state.get(7).attr() == (7, stat.S_IFREG | 0o600, 3, 0, 0, 0, 99, 0, 1, 2, 3)
     state.apply(put(3, REG))
     assert state.next_ino == 8  # never goes back
@@ -71,39 +71,39 @@ def test_put_inode_cannot_change_the_type(state) -> None:
 def test_put_and_drop_entries(state) -> None:
     make_file(state, 2, b"a")
     state.apply(put(3, DIR, nlink=2))
-    assert state.apply(m.PutEntry(ROOT_INO, b"d", 3)) == []
+    assert state.apply(redo.PutEntry(ROOT_INO, b"d", 3)) == []
     make_file(state, 4, b"inner", parent=3)
     assert names(state, ROOT_INO) == {b"a": 2, b"d": 3}
     assert names(state, 3) == {b"inner": 4}
     assert state.get(3).parent == ROOT_INO
-    state.apply(m.PutEntry(ROOT_INO, b"a", 4))  # replace: a now points at inode 4
-    assert state.apply(m.DropEntry(3, b"inner")) == []
+    state.apply(redo.PutEntry(ROOT_INO, b"a", 4))  # replace: a now points at inode 4
+    assert state.apply(redo.DropEntry(3, b"inner")) == []
     assert names(state, ROOT_INO) == {b"d": 3, b"a": 4} and names(state, 3) == {}
 
 
 def test_put_entry_of_a_directory_moves_its_parent_pointer(state) -> None:
     state.apply(put(2, DIR, nlink=2))
     state.apply(put(3, DIR, nlink=2))
-    state.apply(m.PutEntry(ROOT_INO, b"two", 2))
-    state.apply(m.PutEntry(2, b"three", 3))
+    state.apply(redo.PutEntry(ROOT_INO, b"two", 2))
+    state.apply(redo.PutEntry(2, b"three", 3))
     assert state.get(3).parent == 2
-    state.apply(m.PutEntry(ROOT_INO, b"moved", 3))
-    state.apply(m.DropEntry(2, b"three"))
+    state.apply(redo.PutEntry(ROOT_INO, b"moved", 3))
+    state.apply(redo.DropEntry(2, b"three"))
     assert state.get(3).parent == ROOT_INO
 
 
 def test_put_target_sets_a_symlink_target(state) -> None:
     state.apply(put(2, LNK))
-    assert state.apply(m.PutTarget(2, b"../some/where")) == []
+    assert state.apply(redo.PutTarget(2, b"../some/where")) == []
     assert state.get(2).target == b"../some/where"
 
 
 def test_put_blocks_maps_and_returns_overwritten_physical_blocks(state) -> None:
     make_file(state, 2, b"f")
     top = 2**32 - 1  # the largest physical block number and CRC an extent map holds
-    assert state.apply(m.PutBlocks(2, (0, 100, 0xAAAA, 1, 101, 0xBBBB, 5, top, top))) == []
+    assert state.apply(redo.PutBlocks(2, (0, 100, 0xAAAA, 1, 101, 0xBBBB, 5, top, top))) == []
     assert state.get(2).attr()[7] == 3 * (BLOCK_SIZE // 512)
-    freed = state.apply(m.PutBlocks(2, (1, 200, 1, 2, 201, 2, 0, 202, 3)))
+    freed = state.apply(redo.PutBlocks(2, (1, 200, 1, 2, 201, 2, 0, 202, 3)))
     assert sorted(freed) == [100, 101]
     assert sorted(state.used_blocks()) == [(200, 2, 1, 1), (201, 2, 2, 2), (202, 2, 0, 3),
                                            (top, 2, 5, top)]
@@ -111,57 +111,57 @@ def test_put_blocks_maps_and_returns_overwritten_physical_blocks(state) -> None:
 
 def test_truncate_blocks_returns_the_dropped_physical_blocks(state) -> None:
     make_file(state, 2, b"f")
-    state.apply(m.PutBlocks(2, (0, 10, 0, 1, 11, 0, 2, 12, 0, 7, 17, 0)))
-    assert sorted(state.apply(m.TruncateBlocks(2, 2))) == [12, 17]
+    state.apply(redo.PutBlocks(2, (0, 10, 0, 1, 11, 0, 2, 12, 0, 7, 17, 0)))
+    assert sorted(state.apply(redo.TruncateBlocks(2, 2))) == [12, 17]
     assert sorted(p for p, *_ in state.used_blocks()) == [10, 11]
-    assert state.apply(m.TruncateBlocks(2, 5)) == []
-    assert sorted(state.apply(m.TruncateBlocks(2, 0))) == [10, 11]
+    assert state.apply(redo.TruncateBlocks(2, 5)) == []
+    assert sorted(state.apply(redo.TruncateBlocks(2, 0))) == [10, 11]
     assert state.get(2).attr()[7] == 0
 
 
 def test_xattrs_put_replace_and_drop(state) -> None:
     make_file(state, 2, b"f")
     assert state.get(2).xattrs is None
-    state.apply(m.PutXattr(2, b"user.a", b"1"))
-    state.apply(m.PutXattr(2, b"user.b", b""))
-    state.apply(m.PutXattr(2, b"user.a", b"2"))
+    state.apply(redo.PutXattr(2, b"user.a", b"1"))
+    state.apply(redo.PutXattr(2, b"user.b", b""))
+    state.apply(redo.PutXattr(2, b"user.a", b"2"))
     assert state.get(2).xattrs == {b"user.a": b"2", b"user.b": b""}
-    assert state.apply(m.DropXattr(2, b"user.a")) == []
+    assert state.apply(redo.DropXattr(2, b"user.a")) == []
     assert state.get(2).xattrs == {b"user.b": b""}
-    state.apply(m.DropXattr(2, b"user.b"))
+    state.apply(redo.DropXattr(2, b"user.b"))
     assert state.get(2).xattrs is None
     with pytest.raises(ReplayError):
-        state.apply(m.DropXattr(2, b"user.b"))
+        state.apply(redo.DropXattr(2, b"user.b"))
 
 
 def test_drop_inode_returns_all_its_blocks(state) -> None:
     make_file(state, 2, b"f")
-    state.apply(m.PutBlocks(2, (0, 50, 0, 1, 51, 0, 9, 70, 0)))
-    state.apply(m.DropEntry(ROOT_INO, b"f"))
-    assert sorted(state.apply(m.DropInode(2))) == [50, 51, 70]
+    state.apply(redo.PutBlocks(2, (0, 50, 0, 1, 51, 0, 9, 70, 0)))
+    state.apply(redo.DropEntry(ROOT_INO, b"f"))
+    assert sorted(state.apply(redo.DropInode(2))) == [50, 51, 70]
     assert 2 not in state.inodes and list(state.used_blocks()) == []
     state.apply(put(3, LNK))
-    assert state.apply(m.DropInode(3)) == []
+    assert state.apply(redo.DropInode(3)) == []
 
 
 def test_drop_inode_of_a_non_empty_directory_is_refused(state) -> None:
     state.apply(put(2, DIR, nlink=2))
     make_file(state, 3, b"x", parent=2)
     with pytest.raises(ReplayError, match="not empty"):
-        state.apply(m.DropInode(2))
+        state.apply(redo.DropInode(2))
 
 
 @pytest.mark.parametrize("op", [
-    m.PutEntry(ROOT_INO, b"x", 99),        # missing child
-    m.PutEntry(99, b"x", ROOT_INO),        # missing parent
-    m.DropEntry(99, b"x"),
-    m.DropEntry(ROOT_INO, b"no such name"),
-    m.PutTarget(99, b"t"),
-    m.PutBlocks(99, (0, 1, 0)),
-    m.TruncateBlocks(99, 0),
-    m.PutXattr(99, b"user.a", b"v"),
-    m.DropXattr(99, b"user.a"),
-    m.DropInode(99),
+    redo.PutEntry(ROOT_INO, b"x", 99),        # missing child
+    redo.PutEntry(99, b"x", ROOT_INO),        # missing parent
+    redo.DropEntry(99, b"x"),
+    redo.DropEntry(ROOT_INO, b"no such name"),
+    redo.PutTarget(99, b"t"),
+    redo.PutBlocks(99, (0, 1, 0)),
+    redo.TruncateBlocks(99, 0),
+    redo.PutXattr(99, b"user.a", b"v"),
+    redo.DropXattr(99, b"user.a"),
+    redo.DropInode(99),
 ], ids=lambda op: type(op).__name__)
 def test_op_on_a_missing_inode_or_entry_raises_replay_error(state, op) -> None:
     with pytest.raises(ReplayError, match="cannot apply"):
@@ -171,20 +171,20 @@ def test_op_on_a_missing_inode_or_entry_raises_replay_error(state, op) -> None:
 def test_op_on_an_inode_of_the_wrong_kind_raises_replay_error(state) -> None:
     make_file(state, 2, b"f")
     with pytest.raises(ReplayError):
-        state.apply(m.PutEntry(2, b"x", 2))  # a regular file has no entries
+        state.apply(redo.PutEntry(2, b"x", 2))  # a regular file has no entries
     with pytest.raises(ReplayError):
-        state.apply(m.PutBlocks(ROOT_INO, (0, 1, 0)))  # a directory has no blocks
+        state.apply(redo.PutBlocks(ROOT_INO, (0, 1, 0)))  # a directory has no blocks
 
 
 def test_put_blocks_with_an_incomplete_triple_raises_replay_error(state) -> None:
     make_file(state, 2, b"f")
     with pytest.raises(ReplayError):
-        state.apply(m.PutBlocks(2, (0, 100)))
+        state.apply(redo.PutBlocks(2, (0, 100)))
 
 
 def test_apply_refuses_messages_that_are_not_redo_operations(state) -> None:
-    with pytest.raises(ReplayError, match="Lookup is not a redo operation"):
-        state.apply(m.Lookup(ROOT_INO, b"x"))
+    with pytest.raises(ReplayError, match="Remove is not a redo operation"):
+        state.apply(m.Remove(ROOT_INO, b"x", False))
 
 
 # ---- directory cookies --------------------------------------------------------------------------
@@ -250,29 +250,29 @@ def test_readdir_by_cookie_is_stable_while_entries_are_added_and_removed() -> No
 def populated() -> TreeState:
     state = TreeState.fresh(uid=1000, gid=100, now_ns=T0, mode=0o700)
     state.apply(put(2, DIR, nlink=3))
-    state.apply(m.PutEntry(ROOT_INO, b"home", 2))
+    state.apply(redo.PutEntry(ROOT_INO, b"home", 2))
     state.apply(put(3, DIR, nlink=2))
-    state.apply(m.PutEntry(2, b"user", 3))
+    state.apply(redo.PutEntry(2, b"user", 3))
     state.apply(put(4, REG, nlink=2, size=3 * BLOCK_SIZE + 5))
-    state.apply(m.PutEntry(3, b"data.bin", 4))
-    state.apply(m.PutEntry(ROOT_INO, b"hardlink", 4))
-    state.apply(m.PutBlocks(4, (0, 7, 0xDEADBEEF, 1, 2**32 - 1, 0, 3, 9, 0xFFFFFFFF)))
-    state.apply(m.PutXattr(4, b"user.tag", b"\x00\xffbinary"))
-    state.apply(m.PutXattr(4, b"security.selinux", b"ctx"))
+    state.apply(redo.PutEntry(3, b"data.bin", 4))
+    state.apply(redo.PutEntry(ROOT_INO, b"hardlink", 4))
+    state.apply(redo.PutBlocks(4, (0, 7, 0xDEADBEEF, 1, 2**32 - 1, 0, 3, 9, 0xFFFFFFFF)))
+    state.apply(redo.PutXattr(4, b"user.tag", b"\x00\xffbinary"))
+    state.apply(redo.PutXattr(4, b"security.selinux", b"ctx"))
     state.apply(put(5, LNK, size=11))
-    state.apply(m.PutTarget(5, b"../home/u\xe9"))
-    state.apply(m.PutEntry(3, b"link", 5))
+    state.apply(redo.PutTarget(5, b"../home/u\xe9"))
+    state.apply(redo.PutEntry(3, b"link", 5))
     state.apply(put(6, FIFO))
-    state.apply(m.PutEntry(2, b"pipe", 6))
-    state.apply(m.PutXattr(2, b"user.dir", b"yes"))
+    state.apply(redo.PutEntry(2, b"pipe", 6))
+    state.apply(redo.PutXattr(2, b"user.dir", b"yes"))
     state.apply(put(7, DIR, nlink=2))  # created in root, then moved under /home
-    state.apply(m.PutEntry(ROOT_INO, b"tmp", 7))
-    state.apply(m.PutEntry(2, b"moved", 7))
-    state.apply(m.DropEntry(ROOT_INO, b"tmp"))
+    state.apply(redo.PutEntry(ROOT_INO, b"tmp", 7))
+    state.apply(redo.PutEntry(2, b"moved", 7))
+    state.apply(redo.DropEntry(ROOT_INO, b"tmp"))
     state.apply(put(8, REG))  # an empty file
-    state.apply(m.PutEntry(ROOT_INO, b"empty", 8))
+    state.apply(redo.PutEntry(ROOT_INO, b"empty", 8))
     state.apply(put(30, REG))  # raises next_ino, then goes away
-    state.apply(m.DropInode(30))
+    state.apply(redo.DropInode(30))
     return state
 
 
@@ -290,8 +290,8 @@ def describe(state: TreeState) -> dict:
 
 def test_snapshot_roundtrip_preserves_everything() -> None:
     original = populated()
-    body = original.to_snapshot()
-    copy = TreeState.from_snapshot(body)
+    body = snapshot.encode(original)
+    copy = snapshot.decode(body)
     assert describe(copy) == describe(original)
     assert copy.next_ino == 31
     assert copy.get(7).parent == 2 and copy.get(3).parent == 2 and copy.get(2).parent == ROOT_INO
@@ -299,106 +299,16 @@ def test_snapshot_roundtrip_preserves_everything() -> None:
     assert copy.get(5).target == b"../home/u\xe9"
     assert copy.get(4).xattrs == {b"user.tag": b"\x00\xffbinary", b"security.selinux": b"ctx"}
     assert sorted(copy.used_blocks()) == sorted(original.used_blocks())
-    assert copy.to_snapshot() == body
+    assert snapshot.encode(copy) == body
 
 
 def test_snapshot_of_a_fresh_state_roundtrips() -> None:
     fresh = TreeState.fresh(uid=0, gid=0, now_ns=T0)
-    assert describe(TreeState.from_snapshot(fresh.to_snapshot())) == describe(fresh)
+    assert describe(snapshot.decode(snapshot.encode(fresh))) == describe(fresh)
 
 
 def test_state_restored_from_a_snapshot_keeps_applying_ops() -> None:
-    copy = TreeState.from_snapshot(populated().to_snapshot())
-    assert sorted(copy.apply(m.TruncateBlocks(4, 1))) == [9, 2**32 - 1]
+    copy = snapshot.decode(snapshot.encode(populated()))
+    assert sorted(copy.apply(redo.TruncateBlocks(4, 1))) == [9, 2**32 - 1]
     make_file(copy, copy.next_ino, b"another")
     assert names(copy, ROOT_INO)[b"another"] == 31 and copy.next_ino == 32
-
-
-# ---- message schema -----------------------------------------------------------------------------
-
-
-def sample(annotation: str, index: int):
-    return {
-        "int": 1000 + index,
-        "bytes": b"name\x00\xff%d" % index,
-        "bool": True,
-        "str": f"reason {index} \u00e9",
-        "tuple": (index, 2**40, 0xFFFFFFFF),
-        "int | None": 5 + index,
-        "tuple | None": (index, 8, 0),
-        "Any": (index, b"x", None, (1, 2)),
-    }[annotation]
-
-
-def filled(cls):
-    return cls(*(sample(cls.__annotations__[name], i) for i, name in enumerate(cls._fields)))
-
-
-@pytest.mark.parametrize("cls", m._ALL, ids=lambda cls: cls.__name__)
-def test_every_message_roundtrips(cls) -> None:
-    message = filled(cls)
-    data = m.encode(message)
-    assert msgpack.unpackb(data)[0] == cls.TAG
-    decoded = m.decode(data)
-    assert type(decoded) is cls and decoded == message
-
-
-def test_messages_with_default_fields_roundtrip() -> None:
-    for message in (m.SetAttr(4), m.SetAttr(4, size=0, tail=(0, 9, 123)),
-                    m.MakeNode(1, b"n", REG, 0, 0, 0), m.Ok(), m.Ok(None, 17), m.Failed(5, "EIO")):
-        assert m.decode(m.encode(message)) == message
-
-
-def test_redo_ops_roundtrip_as_one_payload() -> None:
-    ops = [filled(cls) for cls in m.REDO_OPS]
-    assert m.decode_ops(m.encode_ops(ops)) == ops
-    assert m.decode_ops(m.encode_ops([])) == []
-
-
-@pytest.mark.parametrize("data", [
-    b"",
-    b"\xc1",                                   # a byte msgpack never uses
-    msgpack.packb([1, 2, 3])[:-1],             # cut short
-    msgpack.packb([2, 5]) + b"\x00",           # trailing bytes
-    msgpack.packb(5),                          # not an array
-    msgpack.packb([]),                         # no tag
-    msgpack.packb([9999, 1]),                  # unknown tag
-    msgpack.packb(["PutInode", 1]),            # a tag that is not a number
-    msgpack.packb([2]),                        # DropInode without its field
-    msgpack.packb([2, 5, 6]),                  # DropInode with one field too many
-], ids=["empty", "invalid-byte", "truncated", "extra-data", "not-array", "no-tag",
-        "unknown-tag", "string-tag", "missing-field", "extra-field"])
-def test_decode_of_garbage_raises_schema_error(data) -> None:
-    with pytest.raises(m.SchemaError):
-        m.decode(data)
-
-
-def test_unknown_tag_is_named_in_the_error() -> None:
-    with pytest.raises(m.SchemaError, match="unknown message tag 9999"):
-        m.decode(msgpack.packb([9999]))
-
-
-def test_decode_of_a_map_tag_raises_schema_error() -> None:
-    with pytest.raises(m.SchemaError):
-        m.decode(msgpack.packb([{"tag": 1}, 2]))
-
-
-def test_decode_ops_refuses_messages_that_are_not_redo_operations() -> None:
-    payload = m.encode_ops([m.DropInode(3), m.Lookup(1, b"x")])
-    with pytest.raises(m.SchemaError, match="Lookup is not a redo operation"):
-        m.decode_ops(payload)
-    with pytest.raises(m.SchemaError, match="not a redo operation"):
-        m.decode_ops(m.encode_ops([m.Ok(1)]))
-
-
-@pytest.mark.parametrize("payload", [b"\xc1", msgpack.packb([[9999]]), msgpack.packb([7])],
-                         ids=["invalid-byte", "unknown-tag", "op-not-array"])
-def test_decode_ops_of_garbage_raises_schema_error(payload) -> None:
-    with pytest.raises(m.SchemaError):
-        m.decode_ops(payload)
-
-
-@pytest.mark.parametrize("payload", [msgpack.packb(5), msgpack.packb(None)], ids=["int", "nil"])
-def test_decode_ops_of_a_scalar_payload_raises_schema_error(payload) -> None:
-    with pytest.raises(m.SchemaError):
-        m.decode_ops(payload)

@@ -10,8 +10,8 @@ import stat
 import msgpack
 import pytest
 
-from razorfs.actors import messages as m
-from razorfs.tree import ROOT_INO, Directory, TreeState, name_cookie
+from razorfs.state import redo, snapshot
+from razorfs.state.tree import ROOT_INO, Directory, TreeState, name_cookie
 
 T0 = 1_700_000_000_000_000_000
 DIR = stat.S_IFDIR | 0o755
@@ -30,8 +30,8 @@ def new_int(value: int) -> int:
     return int(str(value))
 
 
-def put(ino: int, mode: int, *, uid: int = 1000, times=(T0, T0, T0)) -> m.PutInode:
-    return m.PutInode(new_int(ino), new_int(mode), 1, new_int(uid), new_int(2000), 0, 0,
+def put(ino: int, mode: int, *, uid: int = 1000, times=(T0, T0, T0)) -> redo.PutInode:
+    return redo.PutInode(new_int(ino), new_int(mode), 1, new_int(uid), new_int(2000), 0, 0,
                       *map(new_int, times))
 
 
@@ -130,38 +130,38 @@ def test_filling_a_directory_is_putting_each_entry_in_turn(hash_name) -> None:
 def varied_state() -> TreeState:
     state = TreeState.fresh(uid=1000, gid=100, now_ns=T0)
     state.apply(put(2, DIR, times=(T0, T0 + 1, T0 + 1)))
-    state.apply(m.PutEntry(ROOT_INO, b"dir", 2))
+    state.apply(redo.PutEntry(ROOT_INO, b"dir", 2))
     for i in range(300):  # a directory big enough to be produced in pieces
         ino = 10 + i
         times = (T0 + i,) * 3 if i % 2 == 0 else (T0 + i, T0, T0 + i)  # created, or touched
         state.apply(put(ino, REG, uid=1000 + i % 3, times=times))
-        state.apply(m.PutEntry(2, b"f%d" % i, ino))
-    state.apply(m.PutBlocks(10, (0, 5, 6)))
-    state.apply(m.PutBlocks(11, (0, 7, 8, 3, 9, 10, 1, 11, 12)))
-    state.apply(m.PutXattr(12, b"user.a", b"x"))
-    state.apply(m.PutEntry(ROOT_INO, b"hardlink", 13))
+        state.apply(redo.PutEntry(2, b"f%d" % i, ino))
+    state.apply(redo.PutBlocks(10, (0, 5, 6)))
+    state.apply(redo.PutBlocks(11, (0, 7, 8, 3, 9, 10, 1, 11, 12)))
+    state.apply(redo.PutXattr(12, b"user.a", b"x"))
+    state.apply(redo.PutEntry(ROOT_INO, b"hardlink", 13))
     state.apply(put(5, LNK))  # below numbers in use: inodes out of number order
-    state.apply(m.PutTarget(5, b"dir/f1"))
-    state.apply(m.PutEntry(ROOT_INO, b"link", 5))
+    state.apply(redo.PutTarget(5, b"dir/f1"))
+    state.apply(redo.PutEntry(ROOT_INO, b"link", 5))
     state.apply(put(6, FIFO, times=(T0 + 3, T0 + 2, T0 + 1)))
-    state.apply(m.PutEntry(2, b"pipe", 6))
+    state.apply(redo.PutEntry(2, b"pipe", 6))
     state.apply(put(7, DIR))
-    state.apply(m.PutEntry(2, b"empty", 7))
+    state.apply(redo.PutEntry(2, b"empty", 7))
     return state
 
 
 def test_a_loaded_checkpoint_gives_back_the_same_bytes() -> None:
     state = varied_state()
-    body = state.to_snapshot()
-    loaded = TreeState.from_snapshot(body)
-    assert loaded.to_snapshot() == body
-    assert TreeState.from_snapshot(loaded.to_snapshot()).to_snapshot() == body
-    changes = [m.PutBlocks(12, (4, 1, 2)), m.TruncateBlocks(11, 1), m.TruncateBlocks(10, 0),
-               m.DropEntry(2, b"f7"), m.PutEntry(7, b"f7", 17), put(17, REG, uid=7),
-               m.PutInode(400, DIR, 2, 0, 0, 0, 0, T0, T0, T0), m.PutEntry(7, b"d", 400)]
+    body = snapshot.encode(state)
+    loaded = snapshot.decode(body)
+    assert snapshot.encode(loaded) == body
+    assert snapshot.encode(snapshot.decode(snapshot.encode(loaded))) == body
+    changes = [redo.PutBlocks(12, (4, 1, 2)), redo.TruncateBlocks(11, 1), redo.TruncateBlocks(10, 0),
+               redo.DropEntry(2, b"f7"), redo.PutEntry(7, b"f7", 17), put(17, REG, uid=7),
+               redo.PutInode(400, DIR, 2, 0, 0, 0, 0, T0, T0, T0), redo.PutEntry(7, b"d", 400)]
     for op in changes:
         assert state.apply(op) == loaded.apply(op)
-    assert loaded.to_snapshot() == state.to_snapshot()
+    assert snapshot.encode(loaded) == snapshot.encode(state)
     assert loaded.inodes[400].parent == 7 and loaded.inodes[7].parent == 2
 
 
@@ -170,31 +170,31 @@ def test_a_checkpoint_body_cut_short_or_too_long_is_refused() -> None:
     state = TreeState.fresh(uid=0, gid=0, now_ns=T0)
     for ino, mode, name in [(2, DIR, b"d"), (3, REG, b"f"), (4, LNK, b"l")]:
         state.apply(put(ino, mode))
-        state.apply(m.PutEntry(ROOT_INO, name, ino))
-    state.apply(m.PutBlocks(3, (0, 1, 2, 1, 3, 4)))
-    body = state.to_snapshot()
+        state.apply(redo.PutEntry(ROOT_INO, name, ino))
+    state.apply(redo.PutBlocks(3, (0, 1, 2, 1, 3, 4)))
+    body = snapshot.encode(state)
     for cut in range(len(body)):
         with pytest.raises(ValueError):
-            TreeState.from_snapshot(body[:cut])
+            snapshot.decode(body[:cut])
     with pytest.raises(ValueError):
-        TreeState.from_snapshot(body + msgpack.packb(0))
+        snapshot.decode(body + msgpack.packb(0))
     head = b"\x92" + msgpack.packb(state.next_ino)
     records = body[len(head) + 1:]
     assert body == head + bytes((0x90 | 4,)) + records
     for count in (3, 5):
         with pytest.raises(ValueError):
-            TreeState.from_snapshot(head + bytes((0x90 | count,)) + records)
+            snapshot.decode(head + bytes((0x90 | count,)) + records)
     with pytest.raises(ValueError):
-        TreeState.from_snapshot(msgpack.packb((state.next_ino, [], 0)))
+        snapshot.decode(msgpack.packb((state.next_ino, [], 0)))
 
 
 def test_a_capture_keeps_an_empty_file_empty_when_it_gets_its_first_block() -> None:
     state = varied_state()
-    expected = state.to_snapshot()
-    capture = state.begin_capture(1)
+    expected = snapshot.encode(state)
+    capture = snapshot.begin_capture(state, 1)
     parts = [capture.next_chunk(1)[1]]
-    state.apply(m.PutBlocks(300, (0, 1, 2)))  # an empty file not produced yet
-    state.apply(m.PutBlocks(20, (0, 3, 4)))
+    state.apply(redo.PutBlocks(300, (0, 1, 2)))  # an empty file not produced yet
+    state.apply(redo.PutBlocks(20, (0, 3, 4)))
     while not capture.done:
         parts.append(capture.next_chunk(3)[1])
     assert b"".join(parts) == expected
@@ -205,7 +205,7 @@ def test_a_capture_keeps_an_empty_file_empty_when_it_gets_its_first_block() -> N
 
 def loaded_and_live() -> list[TreeState]:
     live = varied_state()
-    return [TreeState.from_snapshot(live.to_snapshot()), live]
+    return [snapshot.decode(snapshot.encode(live)), live]
 
 
 @pytest.mark.parametrize("origin", ["loaded", "live"])
@@ -214,15 +214,15 @@ def test_writing_to_an_empty_file_leaves_the_other_empty_files_empty(origin) -> 
     empty = [ino for ino, inode in state.inodes.items()
              if inode.blocks is not None and not inode.blocks]
     first, others = empty[0], empty[1:]
-    state.apply(m.PutBlocks(first, (2, 5, 6)))
+    state.apply(redo.PutBlocks(first, (2, 5, 6)))
     assert dict(state.inodes[first].blocks) == {2: 5 << 32 | 6}
     assert all(not state.inodes[ino].blocks for ino in others)
     assert state.inodes[first].attr().blocks > 0
     assert state.inodes[others[0]].attr().blocks == 0
     with pytest.raises(TypeError):  # the shared empty map refuses a write that bypasses apply
         state.inodes[others[0]].blocks[0] = 1
-    assert state.apply(m.TruncateBlocks(first, 0)) == [5]
-    state.apply(m.PutBlocks(others[0], (0, 8, 9)))
+    assert state.apply(redo.TruncateBlocks(first, 0)) == [5]
+    state.apply(redo.PutBlocks(others[0], (0, 8, 9)))
     assert not state.inodes[first].blocks
     assert dict(state.inodes[others[0]].blocks) == {0: 8 << 32 | 9}
     assert all(not state.inodes[ino].blocks for ino in others[1:])
