@@ -17,9 +17,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from razorfs.actors import messages as m
 from razorfs.errors import UsageError
-from razorfs.replica_log import mapped_blocks
+from razorfs.state import redo, snapshot
+from razorfs.state.replica import mapped_blocks
 from razorfs.storage import formats
 from razorfs.storage import replica_formats as rf
 from razorfs.storage.files import FileStorage
@@ -27,7 +27,6 @@ from razorfs.storage.formats import BLOCK_SIZE, FormatError, Superblock
 from razorfs.storage.objectstore import MissingObject, ObjectStore, ObjectStoreError, ReplicaURL
 from razorfs.storage.replica_catalog import (
     Catalog, Range, base_time, range_times, read_catalog, timeline)
-from razorfs.tree import TreeState
 
 
 class RestoreError(Exception):
@@ -181,7 +180,7 @@ def _build(store: ObjectStore, uuid: bytes, span: Range, to_lsn: int, storage: F
     if lsn != span.base:
         raise FormatError(f"{where}: is as of LSN {lsn}, its base is {span.base}")
     try:
-        state = TreeState.from_snapshot(body)
+        state = snapshot.decode(body)
     except ValueError as exc:
         raise FormatError(f"{where}: {exc}") from None
     del data, body
@@ -209,7 +208,7 @@ def _build(store: ObjectStore, uuid: bytes, span: Range, to_lsn: int, storage: F
                 if record.lsn > to_lsn:
                     break
                 try:
-                    for op in m.decode_ops(record.payload):
+                    for op in redo.decode_ops(record.payload):
                         state.apply(op)
                 except Exception as exc:
                     raise FormatError(f"{store.url}/{key}: record LSN {record.lsn} cannot be "
@@ -220,7 +219,7 @@ def _build(store: ObjectStore, uuid: bytes, span: Range, to_lsn: int, storage: F
                     written[pblk] = (checksum, key)
             step()
         for inode in [inode for inode in state.inodes.values() if inode.nlink == 0]:
-            state.apply(m.DropInode(inode.ino))  # open-unlinked files, as recovery does
+            state.apply(redo.DropInode(inode.ino))  # open-unlinked files, as recovery does
         count = 0
         for pblk, ino, lblk, checksum in state.used_blocks():
             source = written.get(pblk)
@@ -234,7 +233,7 @@ def _build(store: ObjectStore, uuid: bytes, span: Range, to_lsn: int, storage: F
     storage.fsync_dir("")
     storage.write_file_atomically(
         formats.checkpoint_name(to_lsn),
-        [formats.checkpoint_header(to_lsn, uuid, [snapshot := state.to_snapshot()]), snapshot])
+        [formats.checkpoint_header(to_lsn, uuid, [body := snapshot.encode(state)]), body])
     storage.write_file_atomically(formats.SUPERBLOCK_PATH, Superblock(
         formats.FORMAT_VERSION, BLOCK_SIZE, uuid, time.time_ns()).encode())
     return Restored(to_lsn, span.base, len(chunks), len(state.inodes), count, 0, 0.0)

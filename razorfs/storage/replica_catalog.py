@@ -31,6 +31,7 @@ class Catalog:
     bases: list[int]  # complete bases (manifest present), by LSN
     incomplete_bases: dict[int, list[str]]  # LSN -> its object names (no manifest)
     base_objects: dict[int, list[str]]  # complete base LSN -> its object names
+    base_sizes: dict[int, int]  # complete base LSN -> bytes of its objects
 
     @property
     def newest_lsn(self) -> int | None:
@@ -81,15 +82,17 @@ def read_catalog(store: ObjectStore) -> Catalog:
             chunks.append(span)
             sizes[span] = size
     objects: dict[int, list[str]] = {}
-    for name, _ in store.list(rf.BASE_DIR + "/"):
+    sizes_of_bases: dict[int, int] = {}
+    for name, size in store.list(rf.BASE_DIR + "/"):
         lsn = rf.parse_base_name(name[len(rf.BASE_DIR) + 1:].partition("/")[0])
         if lsn is not None:
             objects.setdefault(lsn, []).append(name)
+            sizes_of_bases[lsn] = sizes_of_bases.get(lsn, 0) + size
     complete = {lsn: names for lsn, names in objects.items()
                 if rf.base_manifest_key(lsn) in names}
     return Catalog(uuid, sorted(chunks), sizes, sorted(complete),
                    {lsn: names for lsn, names in objects.items() if lsn not in complete},
-                   complete)
+                   complete, {lsn: sizes_of_bases[lsn] for lsn in complete})
 
 
 def timeline(store: ObjectStore, span: tuple[int, int]) -> list[tuple[int, int]]:

@@ -2,12 +2,13 @@
 
 import pytest
 
-from razorfs.actors import messages as m
-from razorfs.replica_log import checkpoint_blocks, mapped_blocks
+from razorfs.state import redo as m
+from razorfs.state import snapshot
+from razorfs.state.replica import checkpoint_blocks, mapped_blocks
 from razorfs.storage import formats
 from razorfs.storage import replica_formats as rf
 from razorfs.storage.formats import BLOCK_SIZE, FormatError
-from razorfs.tree import TreeState
+from razorfs.state.tree import TreeState
 
 UUID = bytes(range(16))
 
@@ -88,5 +89,5 @@ def test_checkpoint_blocks_are_the_trees():
     state.apply(m.PutInode(3, 0o100644, 1, 0, 0, 0, 1, 1, 1, 1))
     state.apply(m.PutEntry(1, b"g", 3))
     state.apply(m.PutBlocks(3, (0, 5, 99)))
-    assert sorted(checkpoint_blocks(state.to_snapshot())) == sorted(
+    assert sorted(checkpoint_blocks(snapshot.encode(state))) == sorted(
         (p, c) for p, _, _, c in state.used_blocks())

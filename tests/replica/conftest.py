@@ -1,0 +1,84 @@
+"""A real S3 server (Swift + s3api) for the whole session, a fresh bucket per test, and the
+helpers the replica tests share. Under CI a server that does not start fails the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fuse.conftest import FUSE_USABLE, razorfs
+from tests.replica.s3server import SwiftS3, swift_installed
+
+
+def _unavailable(message: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}: CI must run the replica tests, a skip would hide failures")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    if not swift_installed():
+        _unavailable("the replica tests need Swift (scripts/install.sh installs it)")
+    server = SwiftS3(tmp_path_factory.mktemp("swift"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        _unavailable(f"the S3 server did not start: {exc}")
+    saved = {name: os.environ.get(name) for name in server.environment()}
+    os.environ.update(server.environment())  # the daemons and CLIs started by tests inherit it
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def replica_url(s3_server) -> str:
+    """s3://BUCKET/PREFIX of a new, empty bucket."""
+    if not FUSE_USABLE:
+        _unavailable("the replica tests need root, /dev/fuse and fusermount3")
+    if not s3_server.running:
+        s3_server.start()
+    import boto3
+    from botocore.config import Config
+
+    bucket = f"razorfs-{secrets.token_hex(6)}"
+    boto3.client("s3", config=Config(s3={"addressing_style": "path"})).create_bucket(
+        Bucket=bucket)
+    return f"s3://{bucket}/fs"
+
+
+def stats(mount) -> dict:
+    result = razorfs("stats", mount.path, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_caught_up(mount, timeout: float = 30.0) -> dict:
+    """Poll until the replica holds every durable change; return the stats then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = stats(mount)
+        replica = current["replica"]
+        if (replica["lag_lsns"] == 0 and not replica["needs_base"]
+                and replica["shipped_lsn"] >= current["wal"]["durable_lsn"]):
+            return current
+        assert time.monotonic() < deadline, f"replica did not catch up: {replica}"
+        time.sleep(0.05)
+
+
+def sync_all(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
