@@ -58,9 +58,10 @@ def replica_url(s3_server) -> str:
 
 
 def stats(mount) -> dict:
-    result = razorfs("stats", mount.path, "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    """What `razorfs stats --json` prints (asked in-process: a CLI run per step is slow)."""
+    from razorfs.control import query
+
+    return query(str(mount.data))
 
 
 def wait_caught_up(mount, timeout: float = 30.0) -> dict:
@@ -82,3 +83,59 @@ def sync_all(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def make_mount(tmp_path, replica_url):
+    """Factory: ``make_mount(*options, data=None, fresh=True)`` → a razorfs mounted with
+    ``--replica`` (of this test's bucket, unless options give one); cleaned up and checked
+    (clean log, clean fsck) at teardown like tests/fuse's mounts."""
+    from tests.fuse.conftest import Mount
+
+    mounts: list[Mount] = []
+
+    def factory(*options: str, data: Path | None = None, fresh: bool = True,
+                replica: bool = True) -> Mount:
+        root = tmp_path / f"fs{len(mounts)}"
+        extra = ("--replica", replica_url) if replica and "--replica" not in options else ()
+        mount = Mount(root, *options, *extra, data=data)
+        mounts.append(mount)
+        if fresh:
+            mount.mkfs()
+        mount.path.mkdir(parents=True, exist_ok=True)
+        return mount.mount()
+
+    yield factory
+    errors = []
+    for mount in reversed(mounts):
+        try:
+            mount.cleanup()
+        except Exception as exc:
+            errors.append(exc)
+    for mount in mounts:
+        mount.check_after()
+    if errors:
+        raise errors[0]
+
+
+def s3_client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(s3={"addressing_style": "path"}))
+
+
+def object_names(url: str) -> list[str]:
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    found = []
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                       Prefix=prefix + "/"):
+        found += [item["Key"][len(prefix) + 1:] for item in page.get("Contents", ())]
+    return sorted(found)
+
+
+def chunk_spans(url: str) -> list[tuple[int, int]]:
+    from razorfs.storage import replica_formats as rf
+
+    return sorted(span for name in object_names(url) if name.startswith("chunks/")
+                  if (span := rf.parse_chunk_key(name.split("/", 1)[1])) is not None)
