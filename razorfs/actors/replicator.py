@@ -48,7 +48,7 @@ class ReplicaTuning:
     chunk_bytes: int = 16 << 20  # records + blocks per chunk
     pack_blocks: int = 4096  # blocks per base pack (16 MiB)
     backoff_min: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 10.0  # also the longest lag after the store is back
     warn_every: float = 60.0
     drain_seconds: float = 10.0  # at unmount, time left to ship what is durable
     timeline_max: int = 256  # timeline entries per chunk
@@ -94,6 +94,7 @@ class Replicator:
         self._warned_at = -float("inf")
         self._next_prune = 0.0
         self._stopping = False
+        self._stop_requested = trio.Event()  # wakes the work loop from its pauses
         self._counters = {"chunks_uploaded": 0, "bases_uploaded": 0, "bytes_uploaded": 0,
                           "objects_pruned": 0, "upload_errors": 0}
         self._state = "starting"
@@ -111,6 +112,7 @@ class Replicator:
                         await dispatch(envelope, self._handlers, "replicator")
                 # Unmounting: ship what is durable, for a while, then stop.
                 self._stopping = True
+                self._stop_requested.set()
                 with trio.move_on_after(self._tuning.drain_seconds):
                     await work_done.wait()
                 nursery.cancel_scope.cancel()
@@ -133,19 +135,19 @@ class Replicator:
                     if not await self._step():
                         if self._stopping:
                             return
-                        await trio.sleep(self._tuning.poll)
+                        await self._pause(self._tuning.poll)
                 except ObjectStoreError as exc:
                     self._unreachable(str(exc))
                     if self._stopping:
                         return
-                    await trio.sleep(backoff)
+                    await self._pause(backoff)
                     backoff = min(backoff * 2, self._tuning.backoff_max)
                     continue
                 except (LocalDamage, LogGone, FormatError) as exc:
                     log.error("replica: local data for the replica is gone or damaged; "
                               "taking a fresh base", reason=str(exc), shipped_lsn=self._shipped)
                     await self._mark_needs_base()
-                    await trio.sleep(backoff)
+                    await self._pause(backoff)
                     backoff = min(backoff * 2, self._tuning.backoff_max)
                     continue
                 except Refused as exc:
@@ -162,6 +164,10 @@ class Replicator:
                 backoff = self._tuning.backoff_min
         finally:
             done.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._stop_requested.wait()
 
     async def _step(self) -> bool:
         """One piece of work; False when there was none."""
