@@ -9,11 +9,11 @@ import random
 import stat
 from pathlib import Path
 
-from razorfs.actors.recovery import load
+from razorfs.state.recovery import load
 from razorfs.storage.blockstore import BlockStore
 from razorfs.storage.files import FileStorage
 from razorfs.storage.formats import BLOCK_SIZE
-from razorfs.tree import ROOT_INO
+from razorfs.state.tree import ROOT_INO
 
 
 def mounted_tree(root: Path) -> dict:
