@@ -1,4 +1,4 @@
-"""``razorfs`` command line: mkfs, mount, umount, fsck, stats.
+"""``razorfs`` command line: mkfs, mount, umount, fsck, stats, restore, replica ls.
 
 Exit status: 0 success, 1 failure (fsck found problems, unmount failed), 2 bad input (missing or
 foreign data directory, locked, unknown format version, bad mountpoint).
@@ -7,8 +7,10 @@ foreign data directory, locked, unknown format version, bad mountpoint).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -49,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="never update access times (default: relatime, like Linux)")
     mount.add_argument("--metrics", metavar="[ADDRESS:]PORT",
                        help="serve Prometheus metrics over HTTP (address defaults to 127.0.0.1)")
+    mount.add_argument("--replica", metavar="s3://BUCKET/PREFIX",
+                       help="ship every committed change to this S3 bucket prefix (endpoint and "
+                            "credentials: the standard AWS variables and files)")
+    mount.add_argument("--replica-retention", type=duration, metavar="DURATION",
+                       help="keep every moment of the last DURATION restorable (e.g. 7d, 12h, "
+                            "30m, 90s) and prune what is older; default: keep everything")
+    # tests only: unshipped WAL bytes kept locally before the replica needs a fresh base
+    mount.add_argument("--replica-backlog-bytes", type=int, help=argparse.SUPPRESS)
+    # tests only: chunk bytes since the newest base before another (with a retention)
+    mount.add_argument("--replica-base-bytes", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     # benchmarks only (bench/scale.py): WAL bytes that trigger a checkpoint (default 64 MiB)
     mount.add_argument("--checkpoint-bytes", type=int, help=argparse.SUPPRESS)
@@ -68,7 +80,46 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="live counters of a mounted filesystem")
     stats.add_argument("mountpoint")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    restore = commands.add_parser("restore", help="build a data directory from a replica")
+    restore.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    restore.add_argument("data_dir", help="new data directory (missing or empty)")
+    target = restore.add_mutually_exclusive_group()
+    target.add_argument("--to-lsn", type=int, metavar="N",
+                        help="the state after LSN N (default: the newest the replica holds)")
+    target.add_argument("--to-time", type=timestamp, metavar="ISO8601",
+                        help="the newest state durable at that time (e.g. 2026-05-01T12:00:00"
+                             "+00:00; local time without an offset)")
+
+    replica = commands.add_parser("replica", help="inspect a replica")
+    replica_commands = replica.add_subparsers(dest="replica_command", required=True)
+    listing = replica_commands.add_parser("ls", help="the restorable ranges (LSNs, times)")
+    listing.add_argument("url", metavar="s3://BUCKET/PREFIX")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?")
+_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` → seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 7d, 12h, 30m, 90s)")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def timestamp(text: str) -> int:
+    """An ISO 8601 time → ns since the epoch (local time when it has no offset)."""
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return int(moment.timestamp() * 1_000_000) * 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +144,14 @@ def _mkfs(args) -> int:
 def _mount(args) -> int:
     from razorfs import daemon
     from razorfs.datadir import check_data_dir
+    from razorfs.storage.objectstore import ReplicaURL
 
     check_data_dir(args.data_dir)
     daemon.check_mountpoint(args.mountpoint)
+    if args.replica:
+        ReplicaURL.parse(args.replica)  # bad input before the daemon starts
+    elif args.replica_retention is not None:
+        raise UsageError("--replica-retention needs --replica")
     if not args.foreground:
         return _mount_in_background(args)
     options = daemon.MountOptions(
@@ -103,7 +159,10 @@ def _mount(args) -> int:
         sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
         ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file,
         read_only=args.read_only, noatime=args.noatime, metrics=args.metrics,
-        checkpoint_bytes=args.checkpoint_bytes, checkpoint_records=args.checkpoint_records)
+        checkpoint_bytes=args.checkpoint_bytes, checkpoint_records=args.checkpoint_records,
+        replica=args.replica, replica_retention=args.replica_retention,
+        replica_backlog_bytes=args.replica_backlog_bytes,
+        replica_base_bytes=args.replica_base_bytes)
     return daemon.run(options)
 
 
@@ -127,6 +186,13 @@ def _mount_in_background(args) -> int:
         command += ["--checkpoint-bytes", str(args.checkpoint_bytes)]
     if args.checkpoint_records is not None:
         command += ["--checkpoint-records", str(args.checkpoint_records)]
+    if args.replica:
+        command += ["--replica", args.replica]
+    for flag, value in (("--replica-retention", args.replica_retention),
+                        ("--replica-backlog-bytes", args.replica_backlog_bytes),
+                        ("--replica-base-bytes", args.replica_base_bytes)):
+        if value is not None:
+            command += [flag, f"{value}s" if flag == "--replica-retention" else str(value)]
     with open(log_file, "ab") as log_stream:
         log_start = log_stream.tell()
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as log_stream:
@@ -235,6 +301,13 @@ def _stats(args) -> int:
           f"{wal['fsyncs']} fsyncs, {wal['average_group_size']} records per commit")
     print(f"checkpoints: {stats['checkpoints']['count']}, last took "
           f"{stats['checkpoints']['last_seconds']} s")
+    if "replica" in stats:
+        replica = stats["replica"]
+        print(f"replica {replica['url']}: {replica['state']}, shipped LSN "
+              f"{replica['shipped_lsn']}, lag {replica['lag_lsns']} LSNs / "
+              f"{replica['lag_bytes']} bytes / {replica['lag_seconds']} s"
+              + (f", error: {replica['store_error'] or replica['refused']}"
+                 if replica['store_error'] or replica['refused'] else ""))
     requests = stats["requests"]
     print(f"bytes read {requests['bytes_read']}, written {requests['bytes_written']}")
     print(f"{'op':<12}{'count':>10}{'errors':>8}{'p50 ms':>10}{'p99 ms':>10}")
@@ -243,4 +316,40 @@ def _stats(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"mkfs": _mkfs, "mount": _mount, "umount": _umount, "fsck": _fsck, "stats": _stats}
+def _restore(args) -> int:
+    from razorfs.restore import RestoreError, restore
+
+    try:
+        result = restore(args.url, args.data_dir, to_lsn=args.to_lsn, to_time_ns=args.to_time)
+    except RestoreError as exc:
+        print(f"razorfs restore: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"restored {args.url} as of LSN {result.lsn} into {args.data_dir}: {result.inodes} "
+          f"inodes, {result.blocks} data blocks (base LSN {result.base}, {result.chunks} "
+          f"chunks, {result.bytes_downloaded} bytes downloaded, {result.seconds} s)")
+    return EXIT_OK
+
+
+def _replica(args) -> int:
+    from razorfs.restore import RestoreError, listing
+
+    try:
+        ranges = listing(args.url)
+    except RestoreError as exc:
+        print(f"razorfs replica ls: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(ranges, indent=1))
+        return EXIT_OK
+    if not ranges:
+        print(f"{args.url}: nothing restorable yet (no complete base)")
+    for span in ranges:
+        start, end = (datetime.datetime.fromtimestamp(span[key] / 1e9).astimezone()
+                      .isoformat(timespec="milliseconds") for key in ("from_ns", "to_ns"))
+        print(f"LSN {span['from_lsn']}..{span['to_lsn']}  {start} .. {end}  "
+              f"({span['chunks']} chunks after the base)")
+    return EXIT_OK
+
+
+_COMMANDS = {"mkfs": _mkfs, "mount": _mount, "umount": _umount, "fsck": _fsck, "stats": _stats,
+             "restore": _restore, "replica": _replica}

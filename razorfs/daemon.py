@@ -27,10 +27,12 @@ from razorfs import log as razorfs_log
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, open_mailbox
 from razorfs.actors.recovery_coordinator import RecoveryCoordinator
+from razorfs.actors.replicator import Replicator, ReplicaTuning
 from razorfs.actors.system import Handles, Tuning
 from razorfs.datadir import DataDirLock, check_data_dir
 from razorfs.errors import UsageError
 from razorfs.fuse.operations import Operations
+from razorfs.state.replica import ReplicaHold
 from razorfs.storage.files import FileStorage
 from razorfs.storage.formats import BLOCK_SIZE, FormatError
 
@@ -52,6 +54,10 @@ class MountOptions:
     metrics: str | None = None  # ADDRESS:PORT of an opt-in Prometheus endpoint
     checkpoint_bytes: int | None = None  # benchmarks only: None = Tuning's default
     checkpoint_records: int | None = None  # benchmarks only: None = Tuning's default
+    replica: str | None = None  # s3://BUCKET/PREFIX
+    replica_retention: float | None = None  # seconds; None keeps everything
+    replica_backlog_bytes: int | None = None  # tests only: None = ReplicaTuning's default
+    replica_base_bytes: int | None = None  # tests only: None = ReplicaTuning's default
 
 
 def mount_source(data_dir: str) -> str:
@@ -142,24 +148,43 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
     tuning = Tuning(commit_interval=options.commit_interval,
                     checkpoint_bytes=options.checkpoint_bytes or Tuning.checkpoint_bytes,
                     checkpoint_records=options.checkpoint_records or Tuning.checkpoint_records)
+    hold = ReplicaHold(options.replica) if options.replica else None
+    replica = None
     async with trio.open_nursery() as actors:
         notify_systemd("STATUS=recovering")
-        handles = await actors.start(RecoveryCoordinator(coordinator_inbox, storage, tuning).run)
+        handles = await actors.start(
+            RecoveryCoordinator(coordinator_inbox, storage, tuning, replica_hold=hold).run)
+        if hold is not None:
+            replica, replica_inbox = open_mailbox()
+            await actors.start(Replicator(
+                replica_inbox, storage, handles.recovered.superblock.uuid, handles.blocks,
+                handles.wal_status, hold, coordinator.clone(), _replica_tuning(options)).run)
         # The recovered tree (a million inodes are several million objects) forms no garbage
         # cycles: frozen out of the collector's sight, it is no longer walked by every full
         # collection, which held up all requests for up to a second on a big tree.
         gc.freeze()
         _return_freed_heap()
         try:
-            await _mount_and_serve(handles, coordinator, data_dir, mountpoint, options,
+            await _mount_and_serve(handles, coordinator, replica, data_dir, mountpoint, options,
                                    log_stream)
         finally:
+            if replica is not None:
+                await replica.aclose()  # ships what it can, then lets go of the coordinator
             # Closing the coordinator's inbox: final checkpoint, then every actor stops.
             await coordinator.aclose()
 
 
-async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str,
-                           mountpoint: str, options: MountOptions, log_stream) -> None:
+def _replica_tuning(options: MountOptions) -> ReplicaTuning:
+    defaults = ReplicaTuning()
+    return ReplicaTuning(
+        retention_seconds=options.replica_retention,
+        backlog_bytes=options.replica_backlog_bytes or defaults.backlog_bytes,
+        base_min_bytes=options.replica_base_bytes or defaults.base_min_bytes)
+
+
+async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mailbox | None,
+                           data_dir: str, mountpoint: str, options: MountOptions,
+                           log_stream) -> None:
     operations = Operations(handles, sync_writes=options.sync_writes,
                             noatime=options.noatime or options.read_only)
     fuse_options = set(pyfuse3.default_options) | {f"fsname={mount_source(data_dir)}",
@@ -170,7 +195,7 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str
         fuse_options.add("ro")
 
     async def collect_stats() -> dict:
-        return await collect(handles, coordinator, operations, options)
+        return await collect(handles, coordinator, replica, operations, options)
 
     try:
         pyfuse3.init(operations, mountpoint, fuse_options)
@@ -197,15 +222,15 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str
         await operations.close_mailboxes()
 
 
-async def collect(handles: Handles, coordinator: Mailbox, operations: Operations,
-                  options: MountOptions) -> dict:
+async def collect(handles: Handles, coordinator: Mailbox, replica: Mailbox | None,
+                  operations: Operations, options: MountOptions) -> dict:
     """Live counters for `razorfs stats`."""
     tree = await handles.tree.ask(m.TreeStats())
     wal = await handles.wal.ask(m.WalStats())
     space = await handles.allocator.ask(m.SpaceStats())
     checkpoints = await coordinator.ask(m.CheckpointStats())
     disk = await trio.to_thread.run_sync(handles.blocks.disk_space)
-    return {
+    stats = {
         "requests": operations.metrics.snapshot(),
         "wal": {"last_lsn": tree.last_lsn, "durable_lsn": wal.durable_lsn,
                 "durable_lag": tree.last_lsn - wal.durable_lsn,
@@ -221,6 +246,9 @@ async def collect(handles: Handles, coordinator: Mailbox, operations: Operations
         "durability": "sync" if options.sync_writes else "fsync",
         "failsafe": tree.failsafe,
     }
+    if replica is not None:
+        stats["replica"] = (await replica.ask(m.ReplicaStats())).values
+    return stats
 
 
 READAHEAD_KB = 1024

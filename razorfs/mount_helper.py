@@ -6,7 +6,7 @@ Standard options are mapped to ``razorfs mount`` flags; options that only mount(
 read (``x-systemd.*``, ``_netdev``, ``nofail``, ``noauto``...) are ignored, as are options razorfs
 always behaves by (``relatime``, ``rw``, ``dev``...).
 razorfs's own: ``durability=fsync|sync``, ``commit_interval=SECONDS``, ``metrics=ADDRESS:PORT``,
-``log_level=LEVEL``; ``sync`` means ``durability=sync`` (every change durable before it returns).
+``log_level=LEVEL``, ``replica=s3://BUCKET/PREFIX``, ``replica_retention=DURATION``; ``sync`` means ``durability=sync`` (every change durable before it returns).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from razorfs import cli
 _FLAGS = {"allow_other": ["--allow-other"], "ro": ["--read-only"],
           "sync": ["--durability", "sync"], "noatime": ["--noatime"]}
 _VALUES = {"durability": "--durability", "commit_interval": "--commit-interval",
-           "metrics": "--metrics", "log_level": "--log-level"}
+           "metrics": "--metrics", "log_level": "--log-level", "replica": "--replica",
+           "replica_retention": "--replica-retention"}
 _IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "dev", "nodev",
             "suid", "nosuid", "exec", "noexec", "relatime", "atime", "nofail",
             "_netdev", "default_permissions", "async"}

@@ -36,8 +36,6 @@ def families(stats: dict):
         "razorfs_unexpected_errors": ("requests answered EIO by an unexpected error",
                                       requests["unexpected_errors"]),
     }
-    for name, (documentation, value) in counters.items():
-        yield CounterMetricFamily(name, documentation, value=value)
     gauges = {
         "razorfs_durable_lag_records": ("transactions applied but not yet durable",
                                         wal["durable_lag"]),
@@ -52,6 +50,28 @@ def families(stats: dict):
         "razorfs_failsafe": ("1 when the filesystem turned read-only after a storage failure",
                              int(bool(stats["failsafe"]))),
     }
+    replica = stats.get("replica")
+    if replica is not None:
+        gauges.update({
+            "razorfs_replica_lag_lsns": ("committed transactions not yet in the replica",
+                                         replica["lag_lsns"]),
+            "razorfs_replica_lag_bytes": ("WAL bytes not yet in the replica",
+                                          replica["lag_bytes"]),
+            "razorfs_replica_lag_seconds": ("age of the oldest change not yet in the replica",
+                                            replica["lag_seconds"]),
+            "razorfs_replica_shipped_lsn": ("every transaction up to it is in the replica",
+                                            replica["shipped_lsn"]),
+            "razorfs_replica_needs_base": ("1 while the replica waits for a fresh base",
+                                           int(replica["needs_base"])),
+            "razorfs_replica_store_unreachable": ("1 while the object store does not answer",
+                                                  int(replica["store_error"] is not None)),
+        })
+        counters["razorfs_replica_uploaded_bytes"] = ("bytes uploaded to the replica",
+                                                      replica["bytes_uploaded"])
+        counters["razorfs_replica_upload_errors"] = ("failed calls to the object store",
+                                                     replica["upload_errors"])
+    for name, (documentation, value) in counters.items():
+        yield CounterMetricFamily(name, documentation, value=value)
     for name, (documentation, value) in gauges.items():
         yield GaugeMetricFamily(name, documentation, value=value)
     requests_total = CounterMetricFamily("razorfs_requests", "FUSE requests by operation",

@@ -9,6 +9,14 @@ if ! command -v fusermount3 >/dev/null || ! pkg-config --exists fuse3 2>/dev/nul
     apt-get update -qq
     apt-get install -y -qq fuse3 libfuse3-dev pkg-config python3-venv >/dev/null
 fi
+# The replica tests' S3 server: OpenStack Swift with s3api, run by tests/replica/s3server.py as
+# plain processes (not memcached, whose postinst runs systemd-tmpfiles; not the services).
+if ! command -v swift-proxy-server >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends swift swift-proxy swift-account \
+        swift-container swift-object >/dev/null
+fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi

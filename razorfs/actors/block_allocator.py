@@ -137,11 +137,12 @@ class BlockAllocator:
     RESERVED_BYTES = 64 << 20
 
     def __init__(self, inbox: trio.MemoryReceiveChannel, storage: Storage,
-                 free_space: FreeSpace, wal_status: WalStatus) -> None:
+                 free_space: FreeSpace, wal_status: WalStatus, replica_hold=None) -> None:
         self._inbox = inbox
         self._storage = storage
         self._space = free_space
         self._wal_status = wal_status
+        self._replica_hold = replica_hold  # blocks freed after its LSN are not yet shipped
         self._pending: deque[tuple[int, tuple]] = deque()  # (lsn, blocks) waiting for durability
         self._pending_count = 0
         self._handlers = {
@@ -176,16 +177,22 @@ class BlockAllocator:
         # never committed, so mostly a lease given back from the top of the store
         self._space.trim_top()
 
+    def _reusable_lsn(self) -> int:
+        """Blocks freed by transactions up to this LSN may be reused: the freeing is durable
+        and, with a replica, shipped (its upload reads the old blocks)."""
+        durable = self._wal_status.durable_lsn
+        return durable if self._replica_hold is None else min(durable, self._replica_hold.lsn)
+
     async def _free_after(self, message: m.FreeAfter) -> None:
-        if message.lsn <= self._wal_status.durable_lsn:
+        if message.lsn <= self._reusable_lsn():
             self._free_blocks(message.blocks)
         else:
             self._pending.append((message.lsn, message.blocks))
             self._pending_count += len(message.blocks)
 
     def _free_durable(self) -> None:
-        durable_lsn = self._wal_status.durable_lsn
-        while self._pending and self._pending[0][0] <= durable_lsn:
+        reusable_lsn = self._reusable_lsn()
+        while self._pending and self._pending[0][0] <= reusable_lsn:
             _, blocks = self._pending.popleft()
             self._pending_count -= len(blocks)
             self._free_blocks(blocks)

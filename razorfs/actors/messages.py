@@ -274,6 +274,16 @@ class CheckpointStats:
     TAG: ClassVar[int] = 51
 
 
+# ---- to the replicator ----
+
+
+@record_type
+class ReplicaStats:
+    """Reply: ReplicaStatus."""
+
+    TAG: ClassVar[int] = 60
+
+
 # ---- replies ----
 
 
@@ -375,6 +385,14 @@ class CheckpointCounts:
 
 
 @record_type
+class ReplicaStatus:
+    """The replicator's state and lag, as ``razorfs stats`` shows them under "replica"."""
+
+    TAG: ClassVar[int] = 112
+    values: dict
+
+
+@record_type
 class Failed:
     """The request could not be done: raised in the asker as ``FsError(errno)``."""
 
@@ -388,9 +406,9 @@ MESSAGES = (
     Accessed, EnterFailsafe, TreeStats, BeginSnapshot, SnapshotChunk, AbortSnapshot,
     Allocate, Release, FreeAfter, SpaceStats,
     Append, WaitDurable, TrimLog, WalStats,
-    Checkpoint, CheckpointStats,
+    Checkpoint, CheckpointStats, ReplicaStats,
     Done, Changed, Committed, TreeStatus, Extents, SpaceStatus, Durable, LogStatus,
-    SnapshotStarted, SnapshotPiece, CheckpointTaken, CheckpointCounts, Failed,
+    SnapshotStarted, SnapshotPiece, CheckpointTaken, CheckpointCounts, ReplicaStatus, Failed,
 )
 _BY_TAG = {cls.TAG: cls for cls in MESSAGES}
 assert len(_BY_TAG) == len(MESSAGES), "duplicate message tag"

@@ -14,6 +14,7 @@ still rebuild everything.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import structlog
 import trio
@@ -25,7 +26,8 @@ from razorfs.actors.system import Handles, Tuning
 from razorfs.actors.tree_manager import TreeManager
 from razorfs.actors.wal_writer import WalStatus, WalWriter
 from razorfs.errors import FsError
-from razorfs.state.recovery import recover
+from razorfs.state.recovery import Recovered, recover
+from razorfs.state.replica import ReplicaHold, forget_replica
 from razorfs.storage.blockstore import BlockStore
 from razorfs.storage.checkpoints import list_checkpoints, write_checkpoint
 from razorfs.storage.interface import Storage
@@ -38,10 +40,11 @@ class RecoveryCoordinator:
     inbox is closed; then takes a final checkpoint and closes the others in turn."""
 
     def __init__(self, inbox: trio.MemoryReceiveChannel, storage: Storage,
-                 tuning: Tuning = Tuning()) -> None:
+                 tuning: Tuning = Tuning(), replica_hold: ReplicaHold | None = None) -> None:
         self._inbox = inbox
         self._storage = storage
         self._tuning = tuning
+        self._replica_hold = replica_hold
         self._uuid = b""
         self._checkpoint_lsn = 0
         self.checkpoints_written = 0
@@ -54,14 +57,18 @@ class RecoveryCoordinator:
         }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        recovered = await trio.to_thread.run_sync(
-            functools.partial(recover, self._storage, defer_checkpoint=True))
+        hold = self._replica_hold
+        recovered = await trio.to_thread.run_sync(functools.partial(
+            recover, self._storage, defer_checkpoint=True,
+            keep_log_after=hold.before_recovery(self._storage) if hold else None))
         self._uuid = recovered.superblock.uuid
         self._checkpoint_lsn = recovered.checkpoint_lsn
+        # Blocks the replica still has to upload, which the recovered tree no longer maps.
+        held = await trio.to_thread.run_sync(self._replica_blocks, recovered)
         blocks = BlockStore(self._storage)
         try:
-            free = FreeSpace.from_used((p for p, *_ in recovered.state.used_blocks()),
-                                       blocks.block_count())
+            free = FreeSpace.from_used(itertools.chain(
+                (p for p, *_ in recovered.state.used_blocks()), held), blocks.block_count())
             tree, tree_inbox = open_mailbox()
             wal, wal_inbox = open_mailbox()
             allocator, allocator_inbox = open_mailbox()
@@ -72,10 +79,12 @@ class RecoveryCoordinator:
                 wal_inbox, self._storage, self._uuid, blocks,
                 next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
                 commit_interval=self._tuning.commit_interval, status=status,
-                segment_bytes=self._tuning.segment_bytes)
+                segment_bytes=self._tuning.segment_bytes, replica_hold=hold)
             async with trio.open_nursery() as nursery:
                 await nursery.start(BlockAllocator(allocator_inbox, self._storage, free,
-                                                   status).run)
+                                                   status, replica_hold=hold).run)
+                if held:
+                    await allocator.tell(m.FreeAfter(tuple(sorted(held)), recovered.last_lsn))
                 await nursery.start(wal_writer.run)
                 tree_manager = TreeManager(
                     tree_inbox, recovered.state, last_lsn=recovered.last_lsn, wal=wal.clone(),
@@ -89,6 +98,14 @@ class RecoveryCoordinator:
                     await self._serve(checkpoint_now=recovered.checkpoint_due)
         finally:
             blocks.close()
+
+    def _replica_blocks(self, recovered: Recovered) -> set[int]:
+        if self._replica_hold is None:
+            forget_replica(self._storage)
+            return set()
+        return self._replica_hold.after_recovery(
+            self._storage, self._uuid, recovered.last_lsn,
+            {pblk for pblk, *_ in recovered.state.used_blocks()})
 
     async def _serve(self, *, checkpoint_now: bool) -> None:
         """Serve the inbox; checkpoint when the log has grown enough, and at once if

@@ -39,6 +39,7 @@ class WalStatus:
     def __init__(self) -> None:
         self.durable_lsn = 0
         self.failed: str | None = None
+        self.durable_bytes = 0  # of records made durable since the mount (replica lag)
 
 
 class WalWriter:
@@ -47,7 +48,8 @@ class WalWriter:
 
     def __init__(self, inbox: trio.MemoryReceiveChannel, storage: Storage, uuid: bytes,
                  blocks: BlockStore, *, next_lsn: int, batch: int, commit_interval: float,
-                 status: WalStatus, segment_bytes: int | None = None) -> None:
+                 status: WalStatus, segment_bytes: int | None = None,
+                 replica_hold=None) -> None:
         self._inbox = inbox
         self._storage = storage
         self._uuid = uuid
@@ -55,6 +57,7 @@ class WalWriter:
         self._commit_interval = commit_interval
         self._status = status
         self._segment_bytes = segment_bytes or self.SEGMENT_BYTES
+        self._replica_hold = replica_hold  # segments after its LSN are kept for the replica
         self._segment: StorageFile | None = None
         self._segment_offset = 0
         self._durable_lsn = status.durable_lsn = next_lsn - 1
@@ -166,6 +169,7 @@ class WalWriter:
             else:
                 self._segment_offset += len(data)
                 self._durable_lsn = self._status.durable_lsn = batch[-1][0]
+                self._status.durable_bytes += len(data)
                 self._stats["batches"] += 1
                 self._stats["records"] += len(batch)
                 self._stats["fsyncs"] += fsyncs
@@ -222,5 +226,7 @@ class WalWriter:
         """Delete segments whose every record is <= ``upto`` (covered by a checkpoint)."""
         if self._segment_offset > formats.SEGMENT_HEADER_SIZE:
             self._start_segment(self._durable_lsn + 1)
+        if self._replica_hold is not None:
+            upto = min(upto, self._replica_hold.lsn)  # records the replica has not shipped
         delete_segments_upto(self._storage, upto)
         self._stats["bytes_since_trim"] = 0

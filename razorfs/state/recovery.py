@@ -93,14 +93,15 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
                      {name: round(value, 3) for name, value in seconds.items()})
 
 
-def recover(storage: Storage, *, salvage: bool = False,
-            defer_checkpoint: bool = False) -> Recovered:
+def recover(storage: Storage, *, salvage: bool = False, defer_checkpoint: bool = False,
+            keep_log_after: int | None = None) -> Recovered:
     """``load``, then make the disk agree: cut a torn tail and checkpoint the recovered state.
 
     ``defer_checkpoint`` (the coordinator at mount): when replayed records are all the
     checkpoint would add, write none and set ``checkpoint_due`` instead, so that serialising a
     big state does not hold up the mount; the coordinator takes the same checkpoint through the
-    chunked path once requests are served (a crash before then replays the same records)."""
+    chunked path once requests are served (a crash before then replays the same records).
+    ``keep_log_after``: the replica's shipped LSN; no record after it is trimmed."""
     recovered = load(storage, salvage=salvage)
     if recovered.discarded:
         log.warning("salvaged a damaged WAL: committed records after the damage discarded",
@@ -128,7 +129,9 @@ def recover(storage: Storage, *, salvage: bool = False,
         # every crash would leave one more segment behind).
         checkpoints = list_checkpoints(storage)
         if len(checkpoints) >= CHECKPOINTS_KEPT:
-            delete_segments_upto(storage, checkpoints[-CHECKPOINTS_KEPT][0])
+            upto = checkpoints[-CHECKPOINTS_KEPT][0]
+            delete_segments_upto(storage, upto if keep_log_after is None
+                                 else min(upto, keep_log_after))
     log.info("recovered", checkpoint_lsn=recovered.checkpoint_lsn, replayed=recovered.replayed,
              last_lsn=recovered.last_lsn, orphans_reclaimed=recovered.orphans,
              inodes=len(recovered.state.inodes), seconds=recovered.seconds,

@@ -9,6 +9,7 @@ DATA_DIR/
   blocks                the block store: block N lives at byte N * BLOCK_SIZE
   wal/<LSN:016x>.wal    WAL segments, named by the first LSN they may hold
   checkpoints/<LSN:016x>.ckpt   metadata snapshots, as of LSN (all records <= LSN applied)
+  replica.state         the replica's shipped LSN (``--replica``; layout in replica_formats)
 
 superblock (64 bytes)
   0   8  magic  b"RAZORFS\\0"

@@ -3,7 +3,7 @@
     leaf helpers      errors, log, metrics (no razorfs imports)
     storage           razorfs/storage: byte formats, files, WAL segments, checkpoint files
     state             razorfs/state: the tree state machine, the redo schema, recovery
-    offline tools     fsck, datadir: storage and state, never the actors
+    offline tools     fsck, datadir, restore: storage and state, never the actors
     actors            razorfs/actors: mailbox, messages, the four actors
     fuse              razorfs/fuse: the pyfuse3 adapter, the data path, the error edge
     daemon and cli    daemon, cli, control, prometheus, mount_helper: anything
@@ -26,7 +26,7 @@ LAYERS = {
     "leaf": ["razorfs.errors", "razorfs.log", "razorfs.metrics"],
     "storage": ["razorfs.storage"],
     "state": ["razorfs.state"],
-    "offline tools": ["razorfs.fsck", "razorfs.datadir"],
+    "offline tools": ["razorfs.fsck", "razorfs.datadir", "razorfs.restore"],
     "actors": ["razorfs.actors"],
     "fuse": ["razorfs.fuse"],
     "daemon and cli": ["razorfs.daemon", "razorfs.cli", "razorfs.control", "razorfs.prometheus",

@@ -57,3 +57,18 @@ def test_main_runs_razorfs_mount(monkeypatch) -> None:
 def test_sync_and_noatime_mount_options_are_mapped() -> None:
     assert translate("/d", "/m", "sync,noatime") == ["mount", "/d", "/m", "--durability", "sync",
                                                      "--noatime"]
+
+
+def test_replica_options_are_mapped() -> None:
+    assert translate("/d", "/m", "replica=s3://bucket/fs/a,replica_retention=7d") == [
+        "mount", "/d", "/m", "--replica", "s3://bucket/fs/a", "--replica-retention", "7d"]
+
+
+def test_replica_retention_durations() -> None:
+    from razorfs.cli import duration
+
+    assert [duration(text) for text in ("90", "90s", "30m", "12h", "7d", "1.5h")] == [
+        90, 90, 1800, 43200, 604800, 5400]
+    for bad in ("", "7y", "-3d", "0", "d"):
+        with pytest.raises(Exception):
+            duration(bad)

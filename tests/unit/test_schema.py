@@ -23,6 +23,7 @@ def sample(annotation: str, index: int):
         "int | None": 5 + index,
         "tuple | None": (index, 8, 0),
         "Attr": Attr(index, REG, 1, 2, 3, 0, 4096, 8, 10, 20, 30),
+        "dict": {"lag_lsns": index, "state": "caught up", "refused": None},
     }[annotation]
 
 
