@@ -95,7 +95,7 @@ def _mount(args) -> int:
     from razorfs.datadir import check_data_dir
 
     check_data_dir(args.data_dir)
-    daemon.check_mountpoint(args.mountpoint)
+    daemon.check_mountpoint(args.mountpoint, args.data_dir)
     if not args.foreground:
         return _mount_in_background(args)
     options = daemon.MountOptions(

@@ -60,7 +60,12 @@ def mount_source(data_dir: str) -> str:
     return urllib.parse.quote(data_dir, safe="/-_.~+:@")
 
 
-def check_mountpoint(path: str) -> None:
+def check_mountpoint(path: str, data_dir: str | None = None) -> None:
+    """Refuse a mountpoint that is missing or taken. The mount a killed daemon of ``data_dir``
+    left behind (its connection dead) is not in the way: the next daemon of that data
+    directory detaches it once it holds the lock (``detach_dead_mount``)."""
+    if data_dir is not None and _dead_mount_of(data_dir, path):
+        return
     if not os.path.isdir(path):
         raise UsageError(f"{path}: mountpoint does not exist or is not a directory")
     try:
@@ -70,6 +75,49 @@ def check_mountpoint(path: str) -> None:
                          f"daemon died there, run `fusermount3 -u {path}` first") from None
     if os.path.ismount(path):
         raise UsageError(f"{path}: something is already mounted there")
+
+
+def razorfs_mount_source(mountpoint: str) -> str | None:
+    """The source (fsname) of the razorfs mounted at ``mountpoint``, or None. Read from
+    mountinfo, since a stat() of a dead FUSE mount fails and one of a live mount served by
+    this process would be a request to ourselves."""
+    target = os.path.abspath(mountpoint)
+    source = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            if (unescape_mount_field(fields[4]) == target
+                    and fields[separator + 1] == "fuse.razorfs"):
+                source = unescape_mount_field(fields[separator + 2])  # the topmost one wins
+            elif unescape_mount_field(fields[4]) == target:
+                source = None
+    return source
+
+
+def _dead_mount_of(data_dir: str, mountpoint: str) -> bool:
+    """A razorfs mount of ``data_dir`` at ``mountpoint`` while no daemon holds the data
+    directory: nobody serves it (the daemon was killed)."""
+    from razorfs.datadir import holder_pid
+
+    return (razorfs_mount_source(mountpoint) == mount_source(os.path.abspath(data_dir))
+            and holder_pid(data_dir) is None)
+
+
+def detach_dead_mount(data_dir: str, mountpoint: str) -> None:
+    """With the data directory's lock held, any razorfs mount of it is dead: detach it
+    (MNT_DETACH, as `fusermount3 -u -z`: processes still inside see ENOTCONN, as before)."""
+    if razorfs_mount_source(mountpoint) != mount_source(data_dir):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
+        error = ctypes.get_errno()
+        raise UsageError(f"{mountpoint}: cannot detach the dead mount a killed daemon left "
+                         f"there ({os.strerror(error)})")
+    log.warning("detached the mount a killed daemon left behind", mountpoint=mountpoint)
+
+
+_MNT_DETACH = 2
 
 
 def notify_systemd(message: str) -> None:
@@ -90,8 +138,10 @@ def run(options: MountOptions) -> int:
     data_dir = os.path.abspath(options.data_dir)
     mountpoint = os.path.abspath(options.mountpoint)
     check_data_dir(data_dir)
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, data_dir)
     with DataDirLock(data_dir):
+        detach_dead_mount(data_dir, mountpoint)
+        check_mountpoint(mountpoint)
         storage = FileStorage(data_dir)
         try:
             trio.run(_serve, storage, data_dir, mountpoint, options, log_stream)
