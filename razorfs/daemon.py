@@ -49,9 +49,14 @@ class MountOptions:
     log_file: str | None = None
     read_only: bool = False
     noatime: bool = False
+    mount_flags: tuple[str, ...] = ()  # kernel mount flags for libfuse: noexec, nodiratime...
     metrics: str | None = None  # ADDRESS:PORT of an opt-in Prometheus endpoint
     checkpoint_bytes: int | None = None  # benchmarks only: None = Tuning's default
     checkpoint_records: int | None = None  # benchmarks only: None = Tuning's default
+
+
+# Kernel mount flags that pass through libfuse to mount(2) unchanged, as mount(8) means them.
+KERNEL_MOUNT_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec"})
 
 
 def mount_source(data_dir: str) -> str:
@@ -210,17 +215,27 @@ async def _serve(storage: FileStorage, data_dir: str, mountpoint: str,
 
 async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str,
                            mountpoint: str, options: MountOptions, log_stream) -> None:
-    operations = Operations(handles, sync_writes=options.sync_writes,
-                            noatime=options.noatime or options.read_only)
+    operations = Operations(handles, sync_writes=options.sync_writes, noatime=options.noatime,
+                            read_only=options.read_only)
     fuse_options = set(pyfuse3.default_options) | {f"fsname={mount_source(data_dir)}",
-                                                    "subtype=razorfs"}
+                                                    "subtype=razorfs", *options.mount_flags}
     if options.allow_other:
         fuse_options.add("allow_other")
     if options.read_only:
         fuse_options.add("ro")
+    if options.noatime:
+        fuse_options.add("noatime")  # shown in /proc/mounts; the daemon keeps atimes itself
 
     async def collect_stats() -> dict:
         return await collect(handles, coordinator, operations, options)
+
+    async def remount(*, read_only: bool, noatime: bool) -> dict:
+        """`mount -o remount,...` (mount.fuse.razorfs): the daemon's side of the switch."""
+        if not (isinstance(read_only, bool) and isinstance(noatime, bool)):
+            raise TypeError("read_only and noatime must be true or false")
+        await operations.remount(read_only=read_only, noatime=noatime)
+        log.info("remounted", read_only=read_only, noatime=noatime)
+        return {"read_only": operations.read_only, "noatime": operations.noatime}
 
     try:
         pyfuse3.init(operations, mountpoint, fuse_options)
@@ -228,7 +243,8 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, data_dir: str
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, options, log_stream)
                 nursery.start_soon(_watchdog)
-                await nursery.start(control.serve, data_dir, collect_stats)
+                await nursery.start(control.serve, data_dir,
+                                    {"stats": collect_stats, "remount": remount})
                 metrics_server = (prometheus.serve(options.metrics, collect_stats)
                                   if options.metrics else None)
                 nursery.start_soon(_tune_readahead, operations, mountpoint)
@@ -269,6 +285,8 @@ async def collect(handles: Handles, coordinator: Mailbox, operations: Operations
                   "disk_available_bytes": disk.available},
         "inodes": tree.inodes,
         "durability": "sync" if options.sync_writes else "fsync",
+        "read_only": operations.read_only,
+        "noatime": operations.noatime,
         "failsafe": tree.failsafe,
     }
 
