@@ -37,10 +37,9 @@ class BoxError(RuntimeError):
 def service_venv() -> Path:
     """A venv of /usr/bin/python3 holding razorfs's dependencies (not razorfs itself), made
     once per dependency list and interpreter, shared by every checkout on this machine."""
-    pyproject = (PROJECT / "pyproject.toml").read_bytes()
     interpreter = subprocess.run([SERVICE_PYTHON, "-c", "import sys; print(sys.version)"],
                                  capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(pyproject + interpreter.encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([interpreter, *_dependencies()]).encode()).hexdigest()[:16]
     venv = VENV_CACHE / f"venv-{key}"
     VENV_CACHE.mkdir(parents=True, exist_ok=True)
     with open(VENV_CACHE / ".lock", "w") as lock:
@@ -112,6 +111,7 @@ class SystemdBox:
                  "install razorfs into the container")
         self.symlink("/usr/local/bin/razorfs", venv / "bin/razorfs")
         self.symlink("/usr/sbin/mount.fuse.razorfs", venv / "bin/mount.fuse.razorfs")
+        self.symlink("/usr/sbin/umount.fuse.razorfs", venv / "bin/umount.fuse.razorfs")
 
     def path(self, inside: str | Path) -> Path:
         """The host path of ``inside`` (an absolute path in the container)."""
