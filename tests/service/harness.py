@@ -139,6 +139,7 @@ class SystemdBox:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--boot",
                  "--private-network", "--bind=/dev/fuse", "--console=passive",
+                 *(["--bind=/dev/autofs"] if os.path.exists("/dev/autofs") else []),
                  "-D", str(self.root)],
                 cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
@@ -173,6 +174,22 @@ class SystemdBox:
             raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n"
                                  f"{result.stdout}{result.stderr}")
         return result
+
+    def inside(self, path: str) -> Path:
+        """``path`` as the container's PID 1 sees it (its mounts included), from here."""
+        return Path(f"/proc/{self.leader}/root{path}")
+
+    def mount_entry(self, path: str) -> tuple[str, str, str] | None:
+        """(fstype, source, major:minor) of the topmost mount at ``path`` in the namespace of
+        the container's PID 1, i.e. what every process outside a service sees."""
+        found = None
+        with open(f"/proc/{self.leader}/mountinfo") as mountinfo:
+            for line in mountinfo:
+                fields = line.split()
+                if fields[4] == path:
+                    separator = fields.index("-")
+                    found = (fields[separator + 1], fields[separator + 2], fields[2])
+        return found
 
     def stop(self) -> None:
         """Power off (SIGKILL for nspawn if that hangs), then unmount the overlay."""
