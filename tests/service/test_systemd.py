@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -214,13 +215,23 @@ def test_fstab_line_mounts_at_boot_and_stops_cleanly(box):
     assert "local-fs.target" in show(box, unit, "WantedBy")  # nofail: wanted, not required
     write_synced(box.inside(mountpoint("boot")) / "fstab", b"through fstab")
     (box.inside(mountpoint("boot")) / "unsynced").write_text("committed at stop")
+    for i in range(300):  # a final commit and checkpoint that take a while
+        (box.inside(mountpoint("boot")) / f"small{i}").write_text("x")
 
     assert box.run("systemctl", "stop", unit).returncode == 0
-    # umount.fuse.razorfs returned only once the daemon committed and exited
+    # umount.fuse.razorfs returned only once the daemon committed and exited: before systemd
+    # called the unit stopped
     assert holder(box, "boot") is None
     assert box.mount_entry(mountpoint("boot")) is None
     log = box.inside(f"{data_dir('boot')}/razorfs.log")
-    assert json.loads(log.read_text().splitlines()[-1])["event"] == "stopped cleanly"
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["event"] == "stopped cleanly"
+    stopped_at = datetime.fromisoformat(last["timestamp"].replace("Z", "+00:00"))
+    [unmounted] = [e for e in journal(box, unit=unit)
+                   if e.get("MESSAGE", "").startswith("Unmounted ")][-1:]
+    unit_stopped_at = datetime.fromtimestamp(int(unmounted["__REALTIME_TIMESTAMP"]) / 1e6,
+                                             timezone.utc)
+    assert stopped_at < unit_stopped_at
     leftovers = [e for e in journal(box, unit=unit) if "remains running" in e.get("MESSAGE", "")]
     assert not leftovers
 
