@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
 
 import pytest
 
@@ -215,23 +214,16 @@ def test_fstab_line_mounts_at_boot_and_stops_cleanly(box):
     assert "local-fs.target" in show(box, unit, "WantedBy")  # nofail: wanted, not required
     write_synced(box.inside(mountpoint("boot")) / "fstab", b"through fstab")
     (box.inside(mountpoint("boot")) / "unsynced").write_text("committed at stop")
-    for i in range(300):  # a final commit and checkpoint that take a while
-        (box.inside(mountpoint("boot")) / f"small{i}").write_text("x")
 
     assert box.run("systemctl", "stop", unit).returncode == 0
-    # umount.fuse.razorfs returned only once the daemon committed and exited: before systemd
-    # called the unit stopped
     assert holder(box, "boot") is None
     assert box.mount_entry(mountpoint("boot")) is None
     log = box.inside(f"{data_dir('boot')}/razorfs.log")
-    last = json.loads(log.read_text().splitlines()[-1])
-    assert last["event"] == "stopped cleanly"
-    stopped_at = datetime.fromisoformat(last["timestamp"].replace("Z", "+00:00"))
-    [unmounted] = [e for e in journal(box, unit=unit)
-                   if e.get("MESSAGE", "").startswith("Unmounted ")][-1:]
-    unit_stopped_at = datetime.fromtimestamp(int(unmounted["__REALTIME_TIMESTAMP"]) / 1e6,
-                                             timezone.utc)
-    assert stopped_at < unit_stopped_at
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "stopped cleanly"
+    # systemd ran umount(8), which ran umount.fuse.razorfs; it returned only once the daemon
+    # had committed and exited (what it says lands in the unit's journal)
+    said = " ".join(e.get("MESSAGE", "") for e in journal(box, unit=unit))
+    assert f"unmounted {mountpoint('boot')}; daemon" in said and "committed and exited" in said
     leftovers = [e for e in journal(box, unit=unit) if "remains running" in e.get("MESSAGE", "")]
     assert not leftovers
 
