@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import urllib.parse
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class MountOptions:
     log_file: str | None = None
     read_only: bool = False
     noatime: bool = False
-    mount_flags: tuple[str, ...] = ()  # kernel mount flags for libfuse: noexec, nodiratime...
+    mount_flags: tuple[str, ...] = ()  # kernel mount flags passed to libfuse: noexec, suid...
     metrics: str | None = None  # ADDRESS:PORT of an opt-in Prometheus endpoint
     checkpoint_bytes: int | None = None  # benchmarks only: None = Tuning's default
     checkpoint_records: int | None = None  # benchmarks only: None = Tuning's default
@@ -71,13 +72,15 @@ def check_mountpoint(path: str, data_dir: str | None = None) -> None:
     directory detaches it once it holds the lock (``detach_dead_mount``)."""
     if data_dir is not None and _dead_mount_of(data_dir, path):
         return
-    if not os.path.isdir(path):
-        raise UsageError(f"{path}: mountpoint does not exist or is not a directory")
     try:
-        os.stat(path)
+        is_directory = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        is_directory = False
     except OSError as exc:
         raise UsageError(f"{path}: mountpoint is not usable ({exc.strerror}); if a razorfs "
                          f"daemon died there, run `fusermount3 -u {path}` first") from None
+    if not is_directory:
+        raise UsageError(f"{path}: mountpoint does not exist or is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"{path}: something is already mounted there")
 
