@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--read-only", action="store_true", help="mount read-only")
     mount.add_argument("--noatime", action="store_true",
                        help="never update access times (default: relatime, like Linux)")
+    mount.add_argument("--mount-flags", type=_mount_flags, default=(), metavar="FLAG,...",
+                       help="kernel mount flags: nosuid (default) or suid, nodev (default) or "
+                            "dev, noexec or exec")
     mount.add_argument("--metrics", metavar="[ADDRESS:]PORT",
                        help="serve Prometheus metrics over HTTP (address defaults to 127.0.0.1)")
     mount.add_argument("--replica", metavar="s3://BUCKET/PREFIX",
@@ -120,6 +123,17 @@ def timestamp(text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.astimezone()
     return int(moment.timestamp() * 1_000_000) * 1000
+def _mount_flags(text: str) -> tuple[str, ...]:
+    from razorfs.daemon import KERNEL_MOUNT_FLAGS
+
+    flags: list[str] = []
+    for flag in filter(None, text.split(",")):
+        if flag not in KERNEL_MOUNT_FLAGS:
+            raise argparse.ArgumentTypeError(
+                f"unknown mount flag {flag!r}; known: {', '.join(sorted(KERNEL_MOUNT_FLAGS))}")
+        opposite = flag[2:] if flag.startswith("no") else f"no{flag}"
+        flags = [kept for kept in flags if kept not in (flag, opposite)] + [flag]  # last wins
+    return tuple(flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +161,7 @@ def _mount(args) -> int:
     from razorfs.storage.objectstore import ReplicaURL
 
     check_data_dir(args.data_dir)
-    daemon.check_mountpoint(args.mountpoint)
+    daemon.check_mountpoint(args.mountpoint, args.data_dir)
     if args.replica:
         ReplicaURL.parse(args.replica)  # bad input before the daemon starts
     elif args.replica_retention is not None:
@@ -158,7 +172,8 @@ def _mount(args) -> int:
         data_dir=args.data_dir, mountpoint=args.mountpoint, allow_other=args.allow_other,
         sync_writes=args.durability == "sync", commit_interval=args.commit_interval,
         ready_fd=args.ready_fd, log_level=args.log_level, log_file=args.log_file,
-        read_only=args.read_only, noatime=args.noatime, metrics=args.metrics,
+        read_only=args.read_only, noatime=args.noatime, mount_flags=args.mount_flags,
+        metrics=args.metrics,
         checkpoint_bytes=args.checkpoint_bytes, checkpoint_records=args.checkpoint_records,
         replica=args.replica, replica_retention=args.replica_retention,
         replica_backlog_bytes=args.replica_backlog_bytes,
@@ -180,6 +195,8 @@ def _mount_in_background(args) -> int:
         command.append("--read-only")
     if args.noatime:
         command.append("--noatime")
+    if args.mount_flags:
+        command += ["--mount-flags", ",".join(args.mount_flags)]
     if args.metrics:
         command += ["--metrics", args.metrics]
     if args.checkpoint_bytes is not None:

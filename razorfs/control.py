@@ -4,7 +4,8 @@ A Unix stream socket in the abstract namespace, named after the data directory, 
 file (nothing stale after a kill -9, no path-length limit, works under ProtectSystem=strict).
 Abstract sockets have no permission bits, so every connection's peer credentials (SO_PEERCRED)
 are checked: only root or the user the daemon runs as may ask. The client sends one request
-line (``stats``); the daemon answers one JSON document and closes.
+line, a name and optional JSON arguments (``stats``; ``remount {"read_only": true, ...}``); the
+daemon answers one JSON document and closes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import socket
 import struct
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import structlog
 import trio
@@ -33,8 +34,13 @@ def control_address(data_dir: str) -> str:
     return f"\0razorfs-{digest}"
 
 
-async def serve(data_dir: str, collect: Callable[[], Awaitable[dict]], *,
+Handler = Callable[..., Awaitable[dict]]
+
+
+async def serve(data_dir: str, handlers: dict[str, Handler], *,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answer requests ``{name: handler}``; a handler takes the request's JSON arguments as
+    keywords and returns the answer."""
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with listener:
         await listener.bind(control_address(data_dir))
@@ -43,10 +49,10 @@ async def serve(data_dir: str, collect: Callable[[], Awaitable[dict]], *,
         async with trio.open_nursery() as nursery:
             while True:
                 connection, _ = await listener.accept()
-                nursery.start_soon(_answer, connection, collect)
+                nursery.start_soon(_answer, connection, handlers)
 
 
-async def _answer(connection, collect) -> None:
+async def _answer(connection, handlers: dict[str, Handler]) -> None:
     """Answer one client. A failure here is logged and never reaches the daemon's nursery:
     a misbehaving client must not take the mount down."""
     stream = trio.SocketStream(connection)
@@ -57,28 +63,42 @@ async def _answer(connection, collect) -> None:
             with trio.move_on_after(5):
                 # Read the request even from a refused peer: closing with unread data would
                 # reset the connection before the client reads why.
-                request = (await stream.receive_some(256)).strip()
+                request = (await stream.receive_some(4096)).strip()
                 if uid not in (0, os.getuid()):
                     log.warning("control request refused", peer_uid=uid)
                     answer = {"error": "permission denied"}
-                elif request == b"stats":
-                    answer = await collect()
                 else:
-                    answer = {"error": f"unknown request {request[:32]!r}"}
+                    answer = await _dispatch(request, handlers)
                 await stream.send_all(json.dumps(answer).encode())
     except Exception:
         log.exception("control request failed")
 
 
-def query(data_dir: str, request: str = "stats", timeout: float = 10.0) -> dict:
-    """Blocking client used by the CLI."""
+async def _dispatch(request: bytes, handlers: dict[str, Handler]) -> dict:
+    name, _, arguments = request.decode(errors="replace").partition(" ")
+    handler = handlers.get(name)
+    if handler is None:
+        return {"error": f"unknown request {request[:32]!r}"}
+    try:
+        keywords = json.loads(arguments) if arguments else {}
+        if not isinstance(keywords, dict):
+            raise ValueError("arguments must be a JSON object")
+        return await handler(**keywords)
+    except (ValueError, TypeError) as exc:
+        return {"error": f"bad {name} request: {exc}"}
+
+
+def query(data_dir: str, request: str = "stats", timeout: float = 10.0,
+          **arguments: Any) -> dict:
+    """Blocking client used by the CLI: ``request`` with ``arguments`` (sent as JSON)."""
+    line = f"{request} {json.dumps(arguments)}" if arguments else request
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(timeout)
         try:
             client.connect(control_address(data_dir))
         except (ConnectionRefusedError, FileNotFoundError):
             raise ControlError(f"no razorfs daemon is serving {data_dir}") from None
-        client.sendall(request.encode() + b"\n")
+        client.sendall(line.encode() + b"\n")
         chunks = []
         while chunk := client.recv(65536):
             chunks.append(chunk)

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import urllib.parse
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class MountOptions:
     log_file: str | None = None
     read_only: bool = False
     noatime: bool = False
+    mount_flags: tuple[str, ...] = ()  # kernel mount flags passed to libfuse: noexec, suid...
     metrics: str | None = None  # ADDRESS:PORT of an opt-in Prometheus endpoint
     checkpoint_bytes: int | None = None  # benchmarks only: None = Tuning's default
     checkpoint_records: int | None = None  # benchmarks only: None = Tuning's default
@@ -60,22 +62,76 @@ class MountOptions:
     replica_base_bytes: int | None = None  # tests only: None = ReplicaTuning's default
 
 
+# Kernel mount flags that pass through libfuse to mount(2) unchanged, as mount(8) means them.
+KERNEL_MOUNT_FLAGS = frozenset({"nosuid", "suid", "nodev", "dev", "noexec", "exec"})
+
+
 def mount_source(data_dir: str) -> str:
     """The data directory as the mount's source (shown by df, read back by umount and stats):
     percent-encoded, because libfuse takes options as ASCII and splits them at commas."""
     return urllib.parse.quote(data_dir, safe="/-_.~+:@")
 
 
-def check_mountpoint(path: str) -> None:
-    if not os.path.isdir(path):
-        raise UsageError(f"{path}: mountpoint does not exist or is not a directory")
+def check_mountpoint(path: str, data_dir: str | None = None) -> None:
+    """Refuse a mountpoint that is missing or taken. The mount a killed daemon of ``data_dir``
+    left behind (its connection dead) is not in the way: the next daemon of that data
+    directory detaches it once it holds the lock (``detach_dead_mount``)."""
+    if data_dir is not None and _dead_mount_of(data_dir, path):
+        return
     try:
-        os.stat(path)
+        is_directory = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        is_directory = False
     except OSError as exc:
         raise UsageError(f"{path}: mountpoint is not usable ({exc.strerror}); if a razorfs "
                          f"daemon died there, run `fusermount3 -u {path}` first") from None
+    if not is_directory:
+        raise UsageError(f"{path}: mountpoint does not exist or is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"{path}: something is already mounted there")
+
+
+def razorfs_mount_source(mountpoint: str) -> str | None:
+    """The source (fsname) of the razorfs mounted at ``mountpoint``, or None. Read from
+    mountinfo, since a stat() of a dead FUSE mount fails and one of a live mount served by
+    this process would be a request to ourselves."""
+    target = os.path.abspath(mountpoint)
+    source = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            if (unescape_mount_field(fields[4]) == target
+                    and fields[separator + 1] == "fuse.razorfs"):
+                source = unescape_mount_field(fields[separator + 2])  # the topmost one wins
+            elif unescape_mount_field(fields[4]) == target:
+                source = None
+    return source
+
+
+def _dead_mount_of(data_dir: str, mountpoint: str) -> bool:
+    """A razorfs mount of ``data_dir`` at ``mountpoint`` while no daemon holds the data
+    directory: nobody serves it (the daemon was killed)."""
+    from razorfs.datadir import holder_pid
+
+    return (razorfs_mount_source(mountpoint) == mount_source(os.path.abspath(data_dir))
+            and holder_pid(data_dir) is None)
+
+
+def detach_dead_mount(data_dir: str, mountpoint: str) -> None:
+    """With the data directory's lock held, any razorfs mount of it is dead: detach it
+    (MNT_DETACH, as `fusermount3 -u -z`: processes still inside see ENOTCONN, as before)."""
+    if razorfs_mount_source(mountpoint) != mount_source(data_dir):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
+        error = ctypes.get_errno()
+        raise UsageError(f"{mountpoint}: cannot detach the dead mount a killed daemon left "
+                         f"there ({os.strerror(error)})")
+    log.warning("detached the mount a killed daemon left behind", mountpoint=mountpoint)
+
+
+_MNT_DETACH = 2
 
 
 def notify_systemd(message: str) -> None:
@@ -96,8 +152,10 @@ def run(options: MountOptions) -> int:
     data_dir = os.path.abspath(options.data_dir)
     mountpoint = os.path.abspath(options.mountpoint)
     check_data_dir(data_dir)
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, data_dir)
     with DataDirLock(data_dir):
+        detach_dead_mount(data_dir, mountpoint)
+        check_mountpoint(mountpoint)
         storage = FileStorage(data_dir)
         try:
             trio.run(_serve, storage, data_dir, mountpoint, options, log_stream)
@@ -185,17 +243,27 @@ def _replica_tuning(options: MountOptions) -> ReplicaTuning:
 async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mailbox | None,
                            data_dir: str, mountpoint: str, options: MountOptions,
                            log_stream) -> None:
-    operations = Operations(handles, sync_writes=options.sync_writes,
-                            noatime=options.noatime or options.read_only)
+    operations = Operations(handles, sync_writes=options.sync_writes, noatime=options.noatime,
+                            read_only=options.read_only)
     fuse_options = set(pyfuse3.default_options) | {f"fsname={mount_source(data_dir)}",
-                                                    "subtype=razorfs"}
+                                                    "subtype=razorfs", *options.mount_flags}
     if options.allow_other:
         fuse_options.add("allow_other")
     if options.read_only:
         fuse_options.add("ro")
+    if options.noatime:
+        fuse_options.add("noatime")  # shown in /proc/mounts; the daemon keeps atimes itself
 
     async def collect_stats() -> dict:
         return await collect(handles, coordinator, replica, operations, options)
+
+    async def remount(*, read_only: bool, noatime: bool) -> dict:
+        """`mount -o remount,...` (mount.fuse.razorfs): the daemon's side of the switch."""
+        if not (isinstance(read_only, bool) and isinstance(noatime, bool)):
+            raise TypeError("read_only and noatime must be true or false")
+        await operations.remount(read_only=read_only, noatime=noatime)
+        log.info("remounted", read_only=read_only, noatime=noatime)
+        return {"read_only": operations.read_only, "noatime": operations.noatime}
 
     try:
         pyfuse3.init(operations, mountpoint, fuse_options)
@@ -203,7 +271,8 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mail
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, options, log_stream)
                 nursery.start_soon(_watchdog)
-                await nursery.start(control.serve, data_dir, collect_stats)
+                await nursery.start(control.serve, data_dir,
+                                    {"stats": collect_stats, "remount": remount})
                 metrics_server = (prometheus.serve(options.metrics, collect_stats)
                                   if options.metrics else None)
                 nursery.start_soon(_tune_readahead, operations, mountpoint)
@@ -244,6 +313,8 @@ async def collect(handles: Handles, coordinator: Mailbox, replica: Mailbox | Non
                   "disk_available_bytes": disk.available},
         "inodes": tree.inodes,
         "durability": "sync" if options.sync_writes else "fsync",
+        "read_only": operations.read_only,
+        "noatime": operations.noatime,
         "failsafe": tree.failsafe,
     }
     if replica is not None:

@@ -62,7 +62,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, handles: Handles, *, sync_writes: bool = False, noatime: bool = False,
-                 reraise_unexpected: bool = False) -> None:
+                 read_only: bool = False, reraise_unexpected: bool = False) -> None:
         super().__init__()
         self._tree = handles.tree
         self._queries = handles.queries
@@ -71,7 +71,8 @@ class Operations(pyfuse3.Operations):
         self._data = DataPath(handles)
         self._wal_status = handles.wal_status
         self._sync_writes = sync_writes
-        self._update_atime = not noatime
+        self.noatime = noatime
+        self.read_only = read_only  # a mount (or remount) with -o ro: every change is EROFS
         self.reraise_unexpected = reraise_unexpected
         self.metrics = RequestMetrics()
         self._open_files: dict[int, OpenFile] = {}
@@ -80,6 +81,16 @@ class Operations(pyfuse3.Operations):
 
     def init(self) -> None:
         self.initialized.set()
+
+    async def remount(self, *, read_only: bool, noatime: bool) -> None:
+        """Switch read-only and the atime policy of a live mount. Going read-only commits
+        everything first; the kernel refused the remount while a file was open for writing
+        or a change was under way (EBUSY), so no change is in flight here."""
+        self.noatime = noatime
+        if read_only and not self.read_only:
+            self.read_only = True
+            await self._sync_all()
+        self.read_only = read_only
 
     async def close_mailboxes(self) -> None:
         await self._data.close()
@@ -95,6 +106,7 @@ class Operations(pyfuse3.Operations):
             await self._wal.ask(m.WaitDurable(lsn))
 
     async def _change(self, message):
+        self._refuse_changes()
         reply = await self._tree.ask(message)
         await self._settle(reply.lsn)
         return reply
@@ -119,7 +131,9 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise FsError(errno.EBADF, f"unknown file handle {fh}") from None
 
-    def _refuse_if_failsafe(self) -> None:
+    def _refuse_changes(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS, "read-only mount")
         if self._wal_status.failed:
             raise FsError(errno.EROFS, f"read-only (failsafe): {self._wal_status.failed}")
 
@@ -164,7 +178,7 @@ class Operations(pyfuse3.Operations):
 
     async def _truncate(self, message: m.SetAttr) -> Attr:
         """SetAttr with a size; return the new attributes."""
-        self._refuse_if_failsafe()
+        self._refuse_changes()
         reply = await self._data.truncate(message)
         await self._settle(reply.lsn)
         return reply.attr
@@ -273,7 +287,7 @@ class Operations(pyfuse3.Operations):
             return b""
         start = off - first * BLOCK_SIZE
         self.metrics.bytes_read += end - off
-        if self._update_atime and self._queries.atime_due(ino):
+        if not (self.noatime or self.read_only) and self._queries.atime_due(ino):
             await self._tree.tell(m.Accessed(ino))
         # A view, not bytes: pyfuse3 replies from any contiguous buffer, and a copy of a big
         # read is a visible share of a cached sequential read.
@@ -284,7 +298,7 @@ class Operations(pyfuse3.Operations):
         ino = self._open_file(fh).ino
         if not buf:
             return 0
-        self._refuse_if_failsafe()
+        self._refuse_changes()
         reply = await self._data.write(ino, off, buf)
         await self._settle(reply.lsn)
         self.metrics.bytes_written += len(buf)

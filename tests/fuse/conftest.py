@@ -8,6 +8,8 @@ the test failed, then checked: its daemon log must show no request that ended in
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -221,3 +223,49 @@ def mount(make_mount) -> Mount:
 def cli():
     """The CLI runner: ``cli("fsck", path)`` → CompletedProcess."""
     return razorfs
+
+
+HELPERS = {Path("/sbin/mount.fuse.razorfs"): "mount.fuse.razorfs",
+           Path("/sbin/umount.fuse.razorfs"): "umount.fuse.razorfs"}
+HELPER_LOCK = Path("/run/lock/razorfs-mount-helpers.lock")
+
+
+@pytest.fixture
+def mount_helpers():
+    """/sbin/mount.fuse.razorfs and /sbin/umount.fuse.razorfs linked to this venv's scripts for
+    the test (where mount(8) and umount(8) look), put back as they were afterwards. The links
+    are machine-wide: a lock keeps test runs of other checkouts from swapping them meanwhile."""
+    scripts = {link: Path(sys.executable).parent / name for link, name in HELPERS.items()}
+    missing = [str(script) for script in scripts.values() if not script.exists()]
+    if missing:
+        message = f"{', '.join(missing)} missing: reinstall razorfs (pip install -e .)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    HELPER_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(HELPER_LOCK, "w") as lock, contextlib.ExitStack() as restore:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for link, script in scripts.items():
+            previous = os.readlink(link) if link.is_symlink() else None
+            if link.is_symlink():
+                link.unlink()
+            assert not link.exists(), f"{link} is a file, not a link: not ours to replace"
+            link.symlink_to(script)
+            restore.callback(_put_back, link, previous)
+        yield scripts
+
+
+def _put_back(link: Path, previous: str | None) -> None:
+    link.unlink()
+    if previous is not None:
+        link.symlink_to(previous)
+
+
+def mount_8(data: Path, path: Path, options: str) -> subprocess.CompletedProcess:
+    """``mount -t fuse.razorfs DATA PATH -o OPTIONS`` (through /sbin/mount.fuse.razorfs)."""
+    return subprocess.run(["mount", "-t", "fuse.razorfs", str(data), str(path), "-o", options],
+                          capture_output=True, text=True, timeout=60)
+
+
+def remount_8(path: Path, options: str) -> subprocess.CompletedProcess:
+    """``mount -o remount,OPTIONS PATH``, as a user switches a live mount."""
+    return subprocess.run(["mount", "-o", f"remount,{options}", str(path)],
+                          capture_output=True, text=True, timeout=60)

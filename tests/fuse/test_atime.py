@@ -32,3 +32,16 @@ def test_noatime_never_updates_atime(make_mount):
     os.utime(path, ns=(1_000_000_000, 2_000_000_000))
     read_all(path)
     assert os.stat(path).st_atime_ns == 1_000_000_000
+
+
+def test_listing_a_directory_leaves_its_atime(mount):
+    """README's known difference: directory access times never move on a listing (nodiratime
+    always holds, diratime has no effect)."""
+    directory = mount.path / "dir"
+    directory.mkdir()
+    (directory / "entry").write_text("x")
+    os.utime(directory, ns=(1_000_000_000, 2_000_000_000))
+    assert os.listdir(directory) == ["entry"]
+    mount.remount()  # past the kernel's attribute cache
+    assert os.listdir(directory) == ["entry"]
+    assert os.stat(directory).st_atime_ns == 1_000_000_000

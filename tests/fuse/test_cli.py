@@ -200,3 +200,37 @@ def test_special_characters_in_paths(make_mount, cli, tmp_path, data_name, mnt_n
     stats = cli("stats", mount.path, "--json")  # and so must `razorfs stats`
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["inodes"] == 2
+
+
+def test_mount_over_the_dead_mount_of_a_killed_daemon(mount, cli):
+    """A kill -9 leaves a dead mount ("Transport endpoint is not connected"); mounting the same
+    data directory again detaches it (its lock is free: nobody serves it) instead of refusing.
+    What a systemd restart after a crash relies on."""
+    import signal
+    import time
+
+    from conftest import mounted_at, process_gone
+
+    (mount.path / "before").write_text("x")
+    os.kill(mount.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not process_gone(mount.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    mount.pid = None
+    assert mounted_at(mount.path)
+    with pytest.raises(OSError) as dead:
+        os.stat(mount.path)
+    assert dead.value.errno == errno.ENOTCONN
+
+    other = mount.root / "other"
+    other.mkdir()
+    refused = cli("mkfs", other / "data")
+    assert refused.returncode == 0
+    refused = cli("mount", other / "data", mount.path)  # another data directory: still refused
+    assert refused.returncode == 2 and "not usable" in refused.stderr
+
+    mount.mount()
+    assert [e["mountpoint"] for e in mount.events()
+            if e["event"] == "detached the mount a killed daemon left behind"] == [str(mount.path)]
+    assert os.listdir(mount.path) is not None

@@ -25,10 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from razorfs import control
 from razorfs.datadir import holder_pid
 
+from conftest import mount_8
+
 pytestmark = pytest.mark.timeout(60)
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "razorfs@.service"
-MOUNT_HELPER = Path("/sbin/mount.fuse.razorfs")
 
 
 def mount_entry(path: Path) -> list[str] | None:
@@ -292,30 +293,7 @@ def test_prometheus_endpoint(make_mount, cli):
 # --- mount(8), umount ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mount_helper():
-    """/sbin/mount.fuse.razorfs, linked to this venv's script for the test if it is missing."""
-    if os.path.lexists(MOUNT_HELPER):
-        assert MOUNT_HELPER.exists(), f"{MOUNT_HELPER} is a dangling link"
-        yield MOUNT_HELPER
-        return
-    script = Path(sys.executable).parent / "mount.fuse.razorfs"
-    if not script.exists():
-        message = f"{script} missing: reinstall razorfs (pip install -e .)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    MOUNT_HELPER.symlink_to(script)
-    try:
-        yield MOUNT_HELPER
-    finally:
-        MOUNT_HELPER.unlink()
-
-
-def mount_8(data: Path, path: Path, options: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", "-t", "fuse.razorfs", str(data), str(path), "-o", options],
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_mount_8_with_fstab_options(make_mount, mount_helper, cli):
+def test_mount_8_with_fstab_options(make_mount, mount_helpers, cli):
     fs = make_mount()
     fs.unmount()
     refused = mount_8(fs.data, fs.path, "allow_other,bogus")
@@ -392,4 +370,23 @@ def test_unit_file_exposure(unit_file):
     exposure = re.search(r"Overall exposure level for razorfs@test\.service: (\d+\.\d+)",
                          result.stdout)
     assert exposure, result.stdout
-    assert float(exposure.group(1)) < 3.0, result.stdout
+    assert float(exposure.group(1)) <= 3.4, result.stdout
+    readme = (UNIT.parents[2] / "README.md").read_text()
+    assert f"rates it {exposure.group(1)}" in readme  # the figure README gives is this one
+
+
+# Options that give a service a mount namespace of its own: a FUSE mount made there never
+# reaches the host's (issue 13); the service tests show the mount outside. PrivateNetwork
+# too: the control socket of `razorfs stats` is abstract, i.e. per network namespace.
+NAMESPACING = {"ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts",
+               "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "ExecPaths",
+               "NoExecPaths", "ProtectKernelTunables", "ProtectKernelModules",
+               "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProcSubset",
+               "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "MountFlags",
+               "RootDirectory", "RootImage", "DynamicUser", "MountAPIVFS", "PrivateNetwork"}
+
+
+def test_unit_has_no_private_mount_namespace():
+    settings = {line.split("=", 1)[0].strip() for line in UNIT.read_text().splitlines()
+                if "=" in line and not line.lstrip().startswith("#")}
+    assert not settings & NAMESPACING

@@ -72,3 +72,57 @@ def test_replica_retention_durations() -> None:
     for bad in ("", "7y", "-3d", "0", "d"):
         with pytest.raises(Exception):
             duration(bad)
+# --- issue 18: the standard options of mount(8) and fuse(8), remount ---------------------------
+
+STANDARD_NO_OPS = ["atime", "relatime", "norelatime", "strictatime", "nostrictatime",
+                   "nodiratime", "diratime", "lazytime", "nolazytime", "async",
+                   "default_permissions", "user_id=0", "group_id=0", "owner", "users"]
+
+
+@pytest.mark.parametrize("option", STANDARD_NO_OPS)
+def test_standard_options_without_effect_are_accepted(option) -> None:
+    assert translate("/d", "/m", option) == ["mount", "/d", "/m"]
+
+
+def test_kernel_flags_reach_the_mount() -> None:
+    arguments = translate("/d", "/m", "noexec,suid,dev,nosuid")
+    assert arguments == ["mount", "/d", "/m", "--mount-flags", "noexec,dev,nosuid"]
+    parsed = cli._parser().parse_args(arguments)
+    assert parsed.mount_flags == ("noexec", "dev", "nosuid")
+
+
+def test_cli_refuses_an_unknown_mount_flag(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["mount", "/d", "/m", "--mount-flags", "noexec,bogus"])
+    assert "unknown mount flag 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("ro,rw", []), ("rw,ro", ["--read-only"]),
+    ("noatime,relatime", []), ("relatime,noatime", ["--noatime"]),
+    ("sync,async", []), ("dirsync", ["--durability", "sync"]),
+    ("durability=sync,durability=fsync", ["--durability", "fsync"]),
+    ("exec,noexec", ["--mount-flags", "noexec"]), ("noexec,exec", ["--mount-flags", "exec"]),
+])
+def test_the_last_of_contradicting_options_wins(options, expected) -> None:
+    assert translate("/d", "/m", options) == ["mount", "/d", "/m", *expected]
+
+
+def test_remount_request() -> None:
+    # what mount(8) hands the helper for `mount -o remount,ro,noatime /m`
+    request = mount_helper.parse("ro,nosuid,nodev,relatime,remount,noatime,user_id=0,"
+                                 "group_id=0,default_permissions")
+    assert request.remount and request.read_only and request.noatime
+    assert not mount_helper.parse("rw,relatime").remount
+
+
+def test_remount_flags_start_from_the_mounts_own() -> None:
+    ms = mount_helper
+    flags = ms.remount_flags("rw,nosuid,nodev,relatime", ms.parse("remount,ro"))
+    assert flags == (ms._MS_REMOUNT | ms._MS_RDONLY | ms._MS_NOSUID | ms._MS_NODEV
+                     | ms._MS_RELATIME)
+    flags = ms.remount_flags("ro,nosuid,nodev,noexec,relatime", ms.parse("remount,rw,noatime"))
+    assert flags == (ms._MS_REMOUNT | ms._MS_NOSUID | ms._MS_NODEV | ms._MS_NOEXEC
+                     | ms._MS_NOATIME)
+    flags = ms.remount_flags("rw,nosuid,nodev,relatime", ms.parse("remount,suid,strictatime"))
+    assert flags == ms._MS_REMOUNT | ms._MS_NODEV | ms._MS_STRICTATIME
