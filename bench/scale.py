@@ -62,9 +62,9 @@ import sys
 import threading
 import time
 
-import run as bench  # bench/run.py: log, RazorMount, machine_info, razorfs_version
+import common
 
-DEFAULT_JSON = os.path.join(bench.BENCH_DIR, "results", "scale.json")
+DEFAULT_JSON = os.path.join(common.BENCH_DIR, "results", "scale.json")
 DEFAULT_WORKDIR = "/var/tmp/razorfs-scale"
 MILESTONES = (1_000, 10_000, 100_000, 1_000_000)
 # phase B never checkpoints
@@ -72,32 +72,10 @@ NEVER_CHECKPOINT = ("--checkpoint-bytes", str(1 << 50), "--checkpoint-records", 
 CREATE_TASK = 250  # files per creation task
 WAL_TASK_FILES, WAL_TASK_REPEATS = 500, 20  # one utime task: 500 open files x 20 rounds
 
-log = bench.log
+log = common.log
 
 
 # ---------------------------------------------------------------- helpers
-
-def drop_dentries() -> None:
-    """Drop the kernel's dentry and inode caches: the next lookup of every name of the mount
-    is a FUSE request (the kernel FORGETs what it dropped)."""
-    with open("/proc/sys/vm/drop_caches", "w") as control:
-        control.write("2\n")
-
-
-def settle(mount, quiet: float = 0.005, interval: float = 0.1, limit: float = 60.0) -> float:
-    """Wait until the daemon is idle (under ``quiet`` CPU seconds per ``interval``): after a
-    drop of the dentry cache the kernel sends FORGETs for every inode it dropped, which the
-    daemon works through for a while (seconds with a million). The time waited."""
-    started = time.perf_counter()
-    before = mount.daemon_cpu_seconds()
-    while time.perf_counter() - started < limit:
-        time.sleep(interval)
-        now = mount.daemon_cpu_seconds()
-        if now is None or before is None or now[0] - before[0] < quiet:
-            break
-        before = now
-    return time.perf_counter() - started
-
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
@@ -210,8 +188,8 @@ def run_pool(workers: int, function, tasks: list, total: int, what: str,
     return time.perf_counter() - started
 
 
-class ScaleMount(bench.RazorMount):
-    """bench/run.py's RazorMount (stats, daemon pid and CPU, log problems) driven phase by phase:
+class ScaleMount(common.Razorfs):
+    """common.Razorfs (stats, daemon pid and CPU, log problems) driven phase by phase:
     timed mount and umount, kill -9, RSS, daemon log events."""
 
     def __init__(self, workdir: str) -> None:
@@ -380,14 +358,14 @@ def event_epoch(event: dict) -> float:
 def stat_sample(mount: ScaleMount, layout: Layout, existing: int, samples: int,
                 rng: random.Random) -> dict:
     """Cold os.stat latency of ``samples`` random files among the first ``existing``."""
-    settled = settle(mount)  # e.g. the last creates' commit
+    settled = common.settle(mount.pid)  # e.g. the last creates' commit
     before = mount.stats_retry()
     latencies: list[float] = []
     while len(latencies) < samples:
         chosen = rng.sample(range(existing), min(existing, samples - len(latencies)))
         paths = [layout.path(g) for g in chosen]
-        drop_dentries()
-        settled += settle(mount)
+        common.drop_caches(2)
+        settled += common.settle(mount.pid)
         for path in paths:
             started = time.perf_counter()
             os.stat(path)
@@ -440,8 +418,8 @@ def phase_walk_and_rss(mount: ScaleMount, layout: Layout, args, results: dict) -
     big = os.path.join(layout.root, "big")
     if layout.big:
         for function in ("listdir", "scandir"):
-            drop_dentries()
-            settle(mount)
+            common.drop_caches(2)
+            common.settle(mount.pid)
             started = time.perf_counter()
             if function == "listdir":
                 entries = len(os.listdir(big))
@@ -453,8 +431,8 @@ def phase_walk_and_rss(mount: ScaleMount, layout: Layout, args, results: dict) -
             log(f"  cold os.{function} of big/ ({entries:,} entries): {seconds:.2f} s")
     results["rss_after_mount"] = mount.rss_bytes()
     log(f"  stat walk of every file ({args.workers} processes)")
-    drop_dentries()
-    settle(mount)
+    common.drop_caches(2)
+    common.settle(mount.pid)
     directories = layout.directories()
     directories.sort(key=lambda d: not d.endswith("/big"))  # the long one first
     seconds = run_pool(args.workers, _stat_directory, directories, layout.files, "stat'ed")
@@ -511,8 +489,8 @@ def phase_stall(mount: ScaleMount, layout: Layout, args, rng: random.Random,
             os.stat(path)
             timeline.append((wall, time.perf_counter() - started))
 
-    drop_dentries()
-    settle(mount)
+    common.drop_caches(2)
+    common.settle(mount.pid)
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
@@ -768,8 +746,8 @@ def main() -> int:
     os.makedirs(args.workdir, exist_ok=True)
     workdir = os.path.join(args.workdir, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.makedirs(workdir)
-    machine = bench.machine_info(workdir)
-    version = bench.razorfs_version()
+    machine = common.machine_info(workdir)
+    version = common.razorfs_version()
     if machine["df_T"][1:] and machine["df_T"][1] in ("tmpfs", "fuse", "nfs", "nfs4", "overlay"):
         log(f"WARNING: {workdir} is on {machine['df_T'][1]}, not a local disk")
     changed = (f" + {len(version['changed_files'])} changed file(s)"
@@ -882,7 +860,7 @@ def main() -> int:
             json.dump({"command": sys.argv, "files": args.files, "big_dir": big,
                        "per_dir": args.per_dir, "workers": args.workers,
                        "wal_records": args.wal_records, "samples": args.samples,
-                       "razorfs": version, "razorfs_at_end": bench.razorfs_version(),
+                       "razorfs": version, "razorfs_at_end": common.razorfs_version(),
                        "machine": machine,
                        "elapsed_seconds": round(elapsed, 1), "phase_seconds": phase_seconds,
                        "loadavg": loadavg,

@@ -13,6 +13,7 @@ import pytest
 pytestmark = pytest.mark.timeout(600)
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+REQUEST_KINDS = ("create", "unlink", "mkdir", "rename", "setattr", "write", "fsync", "read")
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -22,16 +23,33 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_suite_quick_python_probes(tmp_path):
+def test_suite_quick(tmp_path):
+    """No network and no anchor needed: the tree is generated, the C column is there only if
+    bench/tools.py built passthrough_hp before, and missing tools are skipped."""
     results = tmp_path / "suite.json"
-    output = run_script("run.py", "--quick", "--only", "python", "--no-install",
+    output = run_script("run.py", "--quick", "--no-install", "--only", "tree,requests,append",
                         "--workdir", str(tmp_path / "work"), "--json", str(results)).stdout
-    assert "creates" in output and "rand_fsync_8" in output
     report = json.loads(results.read_text())
     assert not report["errors"]
-    for probe in ("creates", "stat", "seq_write", "seq_read", "rand_fsync_1", "rand_fsync_8"):
-        assert report["medians"]["razorfs"][probe] > 0
-        assert report["medians"]["plain"][probe] > 0
+    for step in ("tree_extract", "tree_cp", "tree_grep_cold", "tree_find_stat", "tree_rm",
+                 "append"):
+        assert report["medians"]["razorfs"][step] > 0
+        assert report["medians"]["plain"][step] > 0
+        assert report["ratios"]["plain"][step] > 0
+    if "C" in report["medians"]:
+        assert report["ratios"]["C"]["tree_extract"] > 0
+    else:
+        assert "anchor" in report["skipped"]
+    for kind in REQUEST_KINDS:
+        row = report["per_request"][kind]
+        assert row["razorfs_cpu_us"] > 0 and row["floor_cpu_us"] > 0, (kind, row)
+        # each daemon counted the loop's 200 requests of that kind itself
+        assert row["razorfs_mix"][kind] == 1 and row["floor_mix"][kind] == 1, (kind, row)
+        assert f"| {kind} |" in output
+    assert report["per_request"]["create"]["razorfs_mix"]["lookup"] == 1
+    verdicts = {t["step"]: t["met"] for t in report["targets"]}
+    assert set(verdicts) >= {f"req_{kind}" for kind in REQUEST_KINDS} | {"tree_rm"}
+    assert all(verdicts[f"req_{kind}"] in (True, False) for kind in REQUEST_KINDS)
 
 
 def test_scale_tiny(tmp_path):
@@ -49,3 +67,11 @@ def test_crash_mount_tiny(tmp_path):
                         "--workdir", str(tmp_path)).stdout
     assert "700 records replayed, 3,004 inodes" in output  # 3 directories and the root
     assert "mount after a crash, 3,000 files + 700 records: median" in output
+
+
+def test_checkpoint_stall_tiny(tmp_path):
+    output = run_script("checkpoint_stall.py", "--inodes", "3000", "--runs", "1",
+                        "--workdir", str(tmp_path)).stdout
+    for mode in ("mode whole", "mode chunked"):
+        assert mode in output
+    assert output.count("checkpoint 1 ") == 2
