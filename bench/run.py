@@ -49,12 +49,13 @@ NEEDS = {"fio": "fio", "fs_mark": "fs_mark", "dbench": "dbench"}  # workload -> 
 def sizes_for(quick: bool, tools: Tools, workdir: str) -> workloads.Sizes:
     if quick:
         tarball = workloads.make_small_tarball(os.path.join(workdir, "small-tree.tar"))
-        return workloads.Sizes(tarball, requests=200, appends=2_000, fio_size=16 * MiB,
-                               fio_rand_size=4 * MiB, fio_runtime=1, fs_mark_files=200,
-                               fs_mark_files_sync=100, dbench_seconds=2)
-    return workloads.Sizes(tools.tree_tarball(), requests=5_000, appends=100_000,
-                           fio_size=256 * MiB, fio_rand_size=64 * MiB, fio_runtime=10,
-                           fs_mark_files=5_000, fs_mark_files_sync=2_000, dbench_seconds=10)
+        return workloads.Sizes(tarball, requests=200, request_seconds=1, appends=2_000,
+                               fio_size=16 * MiB, fio_rand_size=4 * MiB, fio_runtime=1,
+                               fs_mark_files=200, fs_mark_files_sync=100, dbench_seconds=2)
+    return workloads.Sizes(tools.tree_tarball(), requests=5_000, request_seconds=5,
+                           appends=100_000, fio_size=256 * MiB, fio_rand_size=64 * MiB,
+                           fio_runtime=10, fs_mark_files=5_000, fs_mark_files_sync=2_000,
+                           dbench_seconds=10)
 
 
 def run_target(target, chosen: list[str], sizes, tools, profiler) -> dict:

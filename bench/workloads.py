@@ -28,6 +28,7 @@ REQUEST_KINDS = ("create", "unlink", "mkdir", "rename", "setattr", "write", "fsy
 class Sizes:
     tarball: str | None  # the tree workloads' source (None: skip them)
     requests: int  # requests of each kind in the per-request loops
+    request_seconds: float  # at most this long for the loops on one open file
     appends: int
     fio_size: int  # bytes of the sequential fio file
     fio_rand_size: int  # bytes of each random-write job's file
@@ -133,14 +134,18 @@ def requests(meter: Meter, root: str, sizes: Sizes, tools) -> None:
     names = [os.path.join(base, f"f{i:06d}") for i in range(n)]
     others = [os.path.join(base, f"g{i:06d}") for i in range(n)]
 
-    def loop(kind: str, body, cold: bool = False) -> None:
+    def loop(kind: str, body, cold: bool = False, seconds: float | None = None) -> None:
+        """``n`` times ``body``, or as many as fit in ``seconds``."""
         if cold:  # forget every name: each op looks its name up, on every target alike
             drop_caches(2)
             settle(meter.target.pid)
+        deadline = time.perf_counter() + (seconds or float("inf"))
         with meter.step(f"req_{kind}") as step:
             for i in range(n):
                 body(i)
-            step["count"] = n
+                if time.perf_counter() > deadline:
+                    break
+            step["count"] = i + 1
 
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
     loop("create", lambda i: os.close(os.open(names[i], flags, 0o644)))
@@ -150,15 +155,18 @@ def requests(meter: Meter, root: str, sizes: Sizes, tools) -> None:
     block = os.urandom(4096)
     fd = os.open(os.path.join(base, "data"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        loop("setattr", lambda i: os.utime(fd, ns=(i, i)))  # futimens: no lookup
-        loop("write", lambda i: os.pwrite(fd, block, i % 256 * 4096))
-        loop("fsync", lambda i: (os.pwrite(fd, block, i % 256 * 4096), os.fsync(fd)))
+        # these loops touch one open file: a time limit keeps a slow target's run short
+        limit = sizes.request_seconds
+        loop("setattr", lambda i: os.utime(fd, ns=(i, i)), seconds=limit)  # futimens: no lookup
+        loop("write", lambda i: os.pwrite(fd, block, i % 256 * 4096), seconds=limit)
+        loop("fsync", lambda i: (os.pwrite(fd, block, i % 256 * 4096), os.fsync(fd)),
+             seconds=limit)
     finally:
         os.close(fd)
     direct = os.open(os.path.join(base, "data"), os.O_RDONLY | os.O_DIRECT)
     buffer = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
     try:  # O_DIRECT: every read reaches the filesystem, none is served from the page cache
-        loop("read", lambda i: os.preadv(direct, [buffer], i % 256 * 4096))
+        loop("read", lambda i: os.preadv(direct, [buffer], i % 256 * 4096), seconds=limit)
     finally:
         os.close(direct)
     for path in others:
