@@ -167,8 +167,10 @@ class Anchor(Plain):
         os.makedirs(self.backing)
         os.makedirs(self.path)
         # absolute paths: it chdirs to / before mounting
-        self.process = subprocess.Popen([self.binary, *ANCHOR_FLAGS, self.backing, self.path],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(os.path.join(os.path.dirname(self.path), "anchor.log"), "ab") as output:
+            self.process = subprocess.Popen(
+                [self.binary, *ANCHOR_FLAGS, self.backing, self.path], stdout=output,
+                stderr=subprocess.STDOUT)
         self.pid = self.process.pid
         _wait_mounted(self.path, self.process)
         return self.path

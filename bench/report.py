@@ -6,8 +6,11 @@ step is measured in seconds (ratio = other's time / razorfs's) or as a rate.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 
+import spy
 from common import median
 from workloads import REQUEST_KINDS
 
@@ -209,3 +212,42 @@ def load_line(runs: dict[str, list[dict]]) -> str:
         return "load average: no step ran"
     return (f"1-minute load average at the start of each step: median "
             f"{statistics.median(loads):.2f}, range {min(loads):.2f}–{max(loads):.2f}")
+
+
+def publish(runs: dict[str, list[dict]], context: dict, tools, profiler, json_path: str) -> bool:
+    """Print the tables, what was skipped and what failed; write everything to ``json_path``.
+    Whether anything failed."""
+    summary = summarise(runs)
+    version, machine = context["razorfs"], context["machine"]
+    changed = f" + {len(version['changed_files'])} changed file(s)" * bool(
+        version["changed_files"])
+    print(f"razorfs {version['commit']}{changed}; {' '.join(context['command'][1:]) or '-'}; "
+          f"{machine['nproc']} CPUs, kernel {machine['kernel']}, {' '.join(machine['df_T'])}; "
+          f"medians of {context['repeat']}; {context['elapsed_seconds']:.0f} s; "
+          f"{load_line(runs)}")
+    print(f"tools: {', '.join(f'{k} {v}' for k, v in tools.versions.items()) or 'none'}\n")
+    print(main_table(summary) + "\n")
+    print(request_table(summary) + "\n")
+    print(counters_table(summary))
+    profiles = {step: spy.summarise(paths) for step, paths in
+                (profiler.files.items() if profiler else [])}
+    for step, profile in profiles.items():
+        print("\n" + spy.format_profile(step, profile))
+    for name, reason in tools.missing.items():
+        print(f"skipped ({name}): {reason}")
+    errors = {f"{kind}/{name}": message for kind, suite_runs in runs.items()
+              for run in suite_runs for name, message in run["errors"].items()}
+    for where, message in errors.items():
+        print(f"error {where}: {message}")
+    problems = [line for run in runs.get("razorfs", []) for line in run["daemon_log_problems"]]
+    if problems:
+        print(f"the razorfs daemon logged {len(problems)} warning/error line(s), e.g. "
+              f"{problems[0][:300]}")
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as out:
+            json.dump({**context, "tools": tools.versions, "skipped": tools.missing,
+                       "errors": errors, "profiles": profiles, **summary, "runs": runs},
+                      out, indent=1)
+        print(f"\nresults: {json_path}")
+    return bool(errors)

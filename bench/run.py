@@ -26,7 +26,6 @@ append (100,000 writes of 16 B with O_APPEND), fio (sequential 1 MiB write with 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -49,7 +48,7 @@ NEEDS = {"fio": "fio", "fs_mark": "fs_mark", "dbench": "dbench"}  # workload -> 
 def sizes_for(quick: bool, tools: Tools, workdir: str) -> workloads.Sizes:
     if quick:
         tarball = workloads.make_small_tarball(os.path.join(workdir, "small-tree.tar"))
-        return workloads.Sizes(tarball, requests=200, request_seconds=1, appends=2_000,
+        return workloads.Sizes(tarball, requests=100, request_seconds=0.5, appends=1_000,
                                fio_size=16 * MiB, fio_rand_size=4 * MiB, fio_runtime=1,
                                fs_mark_files=200, fs_mark_files_sync=100, dbench_seconds=2)
     return workloads.Sizes(tools.tree_tarball(), requests=5_000, request_seconds=5,
@@ -68,13 +67,11 @@ def run_target(target, chosen: list[str], sizes, tools, profiler) -> dict:
             except Exception as exc:  # one failing workload must not lose the others
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 log(f"{target.kind} {name} FAILED: {errors[name]}")
-    for step, record in meter.steps.items():
-        log(f"  {target.kind:<8}{step:<18}{record['value']:>12.2f}  (load {record['load']})")
     return {"steps": meter.steps, "errors": errors,
             "daemon_log_problems": getattr(target, "log_problems", [])}
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repetition")
@@ -88,71 +85,44 @@ def main() -> int:
     parser.add_argument("--profile", default="", help="py-spy razorfs during these steps "
                         "(names or prefixes, comma-separated)")
     args = parser.parse_args()
-    chosen = [w for w in WORKLOADS if w in args.only.split(",")]
-    kinds = args.targets.split(",")
-    repeat = args.repeat or (1 if args.quick else 3)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    return args
+
+
+def main() -> int:
+    args = arguments()
     tools = Tools(args.install)
     workdir = args.workdir or tempfile.mkdtemp(prefix="razorfs-bench-", dir="/var/tmp")
     os.makedirs(workdir, exist_ok=True)
     sizes = sizes_for(args.quick, tools, workdir)
-    if sizes.tarball is None and "tree" in chosen:
-        chosen.remove("tree")
-    chosen = [w for w in chosen if w not in NEEDS or tools.binary(NEEDS[w])]
+    chosen = [w for w in WORKLOADS if w in args.only.split(",")
+              and (w != "tree" or sizes.tarball) and (w not in NEEDS or tools.binary(NEEDS[w]))]
+    kinds = args.targets.split(",")
     anchor = tools.anchor() if "C" in kinds else None
-    profiler = spy.Profiler(args.profile.split(","), os.path.join(
-        BENCH_DIR, "results", "profiles")) if args.profile else None
-    machine, version, started = machine_info(workdir), razorfs_version(), time.time()
+    profiler = (spy.Profiler(args.profile.split(","), os.path.join(BENCH_DIR, "results",
+                                                                   "profiles"))
+                if args.profile else None)
+    context = {"command": sys.argv, "repeat": args.repeat, "quick": args.quick,
+               "razorfs": razorfs_version(), "machine": machine_info(workdir)}
+    started = time.time()
 
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
-    for repetition in range(repeat):
+    for repetition in range(args.repeat):
         targets = {"razorfs": Razorfs(workdir), "plain": Plain(workdir), "floor": Floor(workdir),
                    "C": Anchor(workdir, anchor) if anchor else None}
         order = [kind for kind in kinds if targets.get(kind)]
         order = order[repetition % len(order):] + order[:repetition % len(order)]
-        for kind in order:
-            log(f"repetition {repetition + 1}/{repeat}: {kind}")
-            mine = ["requests"] if kind == "floor" else chosen
-            runs[kind].append(run_target(targets[kind], [w for w in mine if w in chosen],
-                                         sizes, tools, profiler))
-    runs = {kind: suite_runs for kind, suite_runs in runs.items() if suite_runs}
-    summary = report.summarise(runs)
-    elapsed = time.time() - started
+        for kind in order:  # rotated: no target always runs first, or last
+            log(f"repetition {repetition + 1}/{args.repeat}: {kind}")
+            mine = [w for w in chosen if kind != "floor" or w == "requests"]
+            runs[kind].append(run_target(targets[kind], mine, sizes, tools, profiler))
 
-    changed = f" + {len(version['changed_files'])} changed file(s)" * bool(
-        version["changed_files"])
-    print(f"razorfs {version['commit']}{changed}; {' '.join(sys.argv[1:]) or '(defaults)'}; "
-          f"{machine['nproc']} CPUs, kernel {machine['kernel']}, {' '.join(machine['df_T'])}; "
-          f"medians of {repeat}; {elapsed:.0f} s; {report.load_line(runs)}")
-    print(f"tools: {', '.join(f'{k} {v}' for k, v in tools.versions.items()) or 'none'}\n")
-    print(report.main_table(summary) + "\n")
-    print(report.request_table(summary) + "\n")
-    print(report.counters_table(summary))
-    profiles = {step: spy.summarise(paths) for step, paths in
-                (profiler.files.items() if profiler else [])}
-    for step, profile in profiles.items():
-        print("\n" + spy.format_profile(step, profile))
-    for name, reason in tools.missing.items():
-        print(f"skipped ({name}): {reason}")
-    errors = {f"{kind}/{name}": message for kind, suite_runs in runs.items()
-              for run in suite_runs for name, message in run["errors"].items()}
-    for where, message in errors.items():
-        print(f"error {where}: {message}")
-    problems = [line for run in runs.get("razorfs", []) for line in run["daemon_log_problems"]]
-    if problems:
-        print(f"the razorfs daemon logged {len(problems)} warning/error line(s), e.g. "
-              f"{problems[0][:300]}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as out:
-            json.dump({"command": sys.argv, "repeat": repeat, "quick": args.quick,
-                       "razorfs": version, "machine": machine, "tools": tools.versions,
-                       "skipped": tools.missing, "elapsed_seconds": round(elapsed, 1),
-                       "errors": errors, "profiles": profiles, **summary, "runs": runs},
-                      out, indent=1)
-        print(f"\nresults: {args.json}")
+    context["elapsed_seconds"] = round(time.time() - started, 1)
+    failed = report.publish({k: v for k, v in runs.items() if v}, context, tools, profiler,
+                            args.json)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if errors else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

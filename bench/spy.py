@@ -24,12 +24,12 @@ BUCKETS = [
     ("trio loop in epoll.poll: its per-pass syscall, waiting, or retaking the GIL",
      ("get_events",)),
     ("idle: worker thread waiting for a job", ("WorkerThread._work",)),
-    ("fsync (block store / WAL segment)", ("RealFile.fsync", "fdatasync", "fsync")),
-    ("pwrite", ("RealFile.pwrite", "pwrite")),
-    ("pread", ("RealFile.pread", "pread")),
-    ("pyfuse3 (Cython: /dev/fuse read, dispatch, reply)", ("_pyfuse3", "pyfuse3")),
+    ("fsync (block store / WAL segment)", ("RealFile.fsync",)),
+    ("pwrite", ("RealFile.pwrite",)),
+    ("pread", ("RealFile.pread",)),
+    ("pyfuse3 (Cython: /dev/fuse read, dispatch, reply)", ("_pyfuse3.py",)),
     ("actor messages: msgpack, message construction",
-     ("msgpack", "messages.py", "__create_fn__", "__new__")),
+     ("msgpack", "actors/messages.py", "__create_fn__")),
     ("structlog contextvars (per-request binding)", ("structlog", "contextvars")),
     ("CRC-32C", ("crc",)),
     ("trio scheduling, channels, task switches", ("trio/", "outcome", "attrs generated")),
@@ -55,7 +55,8 @@ class Profiler:
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"{step}-{len(self.files[step]) + 1}.txt")
         self._process = subprocess.Popen(
-            [self.py_spy, "record", "-p", str(pid), "-o", path, "-f", "raw", "--threads"],
+            [self.py_spy, "record", "-p", str(pid), "-o", path, "-f", "raw", "--threads",
+             "--rate", "200"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.files[step].append(path)
         time.sleep(0.5)  # py-spy attaches
@@ -75,12 +76,23 @@ def category(frames: list[str]) -> str:
     return where + re.sub(r":\d+\)", ")", leaf)
 
 
+def layer(frames: list[str]) -> str:
+    """The razorfs module whose code the sample is under (its outermost razorfs frame: the
+    trio task it belongs to), or what runs when no razorfs task does."""
+    for frame in frames:
+        match = re.search(r"razorfs/([\w/]+)\.py", frame)
+        if match:
+            return match.group(1)
+    return "no razorfs task: " + category(frames)
+
+
 def summarise(paths: list[str], top: int = 10) -> dict:
     """Samples per thread group (the trio main thread, workers) by bucket, and the main
     thread's razorfs frames anywhere on the stack (inclusive: which razorfs code the time is
     under)."""
     groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     inclusive: collections.Counter = collections.Counter()
+    layers: collections.Counter = collections.Counter()
     main_samples = 0
     for path in paths:
         if not os.path.exists(path):
@@ -95,10 +107,11 @@ def summarise(paths: list[str], top: int = 10) -> dict:
                 groups[group][category(frames)] += count
                 if group == "main":
                     main_samples += count
+                    layers[layer(frames)] += count
                     for frame in {re.sub(r":\d+\)", ")", f) for f in frames
                                   if "razorfs/" in f}:
                         inclusive[frame] += count
-    return {"main_samples": main_samples,
+    return {"main_samples": main_samples, "main_layers": layers.most_common(),
             "groups": {group: counter.most_common(top) for group, counter in groups.items()},
             "main_inclusive": inclusive.most_common(top)}
 
@@ -111,6 +124,9 @@ def format_profile(step: str, profile: dict) -> str:
         total = sum(count for _, count in rows) or 1
         lines.append(f"  {'main trio thread' if group == 'main' else 'worker threads'}:")
         lines += [f"    {100 * count / total:5.1f}%  {name}" for name, count in rows[:8]]
+    lines.append("  main thread by razorfs module (the task's outermost razorfs frame):")
+    lines += [f"    {100 * count / (profile['main_samples'] or 1):5.1f}%  {name}"
+              for name, count in profile["main_layers"][:8]]
     lines.append("  main thread, razorfs functions on the stack (inclusive):")
     total = profile["main_samples"] or 1
     lines += [f"    {100 * count / total:5.1f}%  {frame}"

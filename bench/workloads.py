@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import time
 
-from common import MiB, cpu_between, cpu_sample, drop_caches, run_tool, settle
+from common import MiB, cpu_between, cpu_sample, drop_caches, log, run_tool, settle
 
 REQUEST_KINDS = ("create", "unlink", "mkdir", "rename", "setattr", "write", "fsync", "read")
 
@@ -70,6 +70,8 @@ class Meter:
             record["value"] = (record["count"] / record["seconds"] if "count" in record
                                else record["seconds"])
         self.steps[name] = record
+        log(f"  {self.target.kind:<8}{name:<18}{record['value']:>12.2f}  "
+            f"({record['seconds']:.1f} s, load {record['load']})")
 
 
 # ---------------------------------------------------------------- everyday trees
@@ -101,7 +103,7 @@ def tree(meter: Meter, root: str, sizes: Sizes, tools) -> None:
     shutil.rmtree(copy)
 
 
-def make_small_tarball(path: str, files: int = 400) -> str:
+def make_small_tarball(path: str, files: int = 200) -> str:
     """A reproducible tarball of small text files in nested directories (--quick: no network):
     same names, bytes and metadata on every machine."""
     import io
