@@ -233,6 +233,9 @@ def publish(runs: dict[str, list[dict]], context: dict, tools, profiler, json_pa
                 (profiler.files.items() if profiler else [])}
     for step, profile in profiles.items():
         print("\n" + spy.format_profile(step, profile))
+    if profiles:
+        print("\nthe trio thread's samples outside epoll.poll, by task:\n"
+              + spy.compact_table(profiles, profiler.loops))
     for name, reason in tools.missing.items():
         print(f"skipped ({name}): {reason}")
     errors = {f"{kind}/{name}": message for kind, suite_runs in runs.items()

@@ -19,6 +19,8 @@ import time
 
 from common import log
 
+RATE = 200  # samples per second
+
 # (bucket, substrings of the innermost frame), first match wins
 BUCKETS = [
     ("trio loop in epoll.poll: its per-pass syscall, waiting, or retaking the GIL",
@@ -42,29 +44,37 @@ class Profiler:
         self.directory = directory
         self.py_spy = (shutil.which("py-spy")
                        or shutil.which("py-spy", path=os.path.dirname(sys.executable)))
-        self.files: dict[str, list[str]] = collections.defaultdict(list)
+        self.files: dict[str, list[str]] = collections.defaultdict(list)  # "kind step"
+        self.loops: dict[str, int] = {}
         self._process: subprocess.Popen | None = None
         if self.py_spy is None:
             log("py-spy not found: `.venv/bin/pip install py-spy` to use --profile")
 
     def wants(self, step: str, target) -> bool:
-        return (self.py_spy is not None and target.kind == "razorfs"
+        """razorfs, and the floor to compare with (both are pyfuse3 + trio)."""
+        return (self.py_spy is not None and target.kind in ("razorfs", "floor")
                 and any(step.startswith(prefix) for prefix in self.steps))
 
-    def start(self, pid: int, step: str) -> None:
+    def start(self, pid: int, step: str, kind: str) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"{step}-{len(self.files[step]) + 1}.txt")
+        key = f"{kind} {step}"
+        path = os.path.join(self.directory,
+                            f"{kind}-{step}-{len(self.files[key]) + 1}.txt")
         self._process = subprocess.Popen(
             [self.py_spy, "record", "-p", str(pid), "-o", path, "-f", "raw", "--threads",
-             "--rate", "200"],
+             "--rate", str(RATE)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.files[step].append(path)
+        self.files[key].append(path)
+        self._key = key
         time.sleep(0.5)  # py-spy attaches
 
-    def stop(self) -> None:
+    def stop(self, loops: int | None) -> None:
+        """``loops``: iterations of the step (request loops), for samples per iteration."""
         self._process.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
         self._process.wait(timeout=60)
         self._process = None
+        if loops:
+            self.loops[self._key] = self.loops.get(self._key, 0) + loops
 
 
 def category(frames: list[str]) -> str:
@@ -76,24 +86,69 @@ def category(frames: list[str]) -> str:
     return where + re.sub(r":\d+\)", ")", leaf)
 
 
-def layer(frames: list[str]) -> str:
-    """The razorfs module whose code the sample is under (its outermost razorfs frame: the
-    trio task it belongs to), or what runs when no razorfs task does."""
-    for frame in frames:
-        match = re.search(r"razorfs/([\w/]+)\.py", frame)
-        if match:
-            return match.group(1)
-    return "no razorfs task: " + category(frames)
+def _plain(frame: str) -> str:
+    return re.sub(r":\d+\)", ")", frame)
+
+
+def task(frames: list[str]) -> str:
+    """Which trio task a main-thread sample is in: its frames after trio's run loop. A FUSE
+    request is named by its razorfs handler, an actor by its run method."""
+    loop = [i for i, frame in enumerate(frames) if "trio/_core/_run.py" in frame]
+    inside = frames[loop[-1] + 1:] if loop else []
+    if "get_events" in frames[-1]:
+        return "trio waiting in epoll.poll"
+    if not inside:
+        return "trio run loop, between tasks"
+    if "_pyfuse3.py" in inside[0]:
+        handlers = [f for f in inside if "razorfs/fuse/operations.py" in f
+                    or "floorfs.py" in f]
+        return ("FUSE " + _plain(handlers[0]).split(" ")[0] if handlers
+                else "pyfuse3 (Cython: reading /dev/fuse, dispatch, reply)")
+    return _plain(inside[0])
+
+
+# task -> column of the compact table: where the trio thread's busy samples go
+COLUMNS = [("pyfuse3", ("pyfuse3",)), ("FUSE handlers", ("FUSE ",)),
+           ("tree manager", ("TreeManager",)), ("WAL writer", ("WalWriter",)),
+           ("allocator", ("BlockAllocator",)),
+           ("trio between tasks", ("trio run loop", "EpollIOManager.process_events",
+                                   "EntryQueue", "outcome", "attrs generated"))]
+
+
+def column(task_name: str) -> str:
+    for name, needles in COLUMNS:
+        if any(needle in task_name for needle in needles):
+            return name
+    return "other"
+
+
+def compact_table(profiles: dict[str, dict], loops: dict[str, int]) -> str:
+    """One row per profiled step: the trio thread's samples outside epoll.poll by task, as
+    shares, and per loop iteration in µs of wall time (a sample per 1/RATE s) where the
+    step counted its iterations."""
+    names = [name for name, _ in COLUMNS] + ["other"]
+    lines = ["| step | busy samples | µs per loop | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for step, profile in profiles.items():
+        shares = collections.Counter()
+        for name, samples, _ in profile["all_tasks"]:
+            if "epoll.poll" not in name:
+                shares[column(name)] += samples
+        busy = sum(shares.values())
+        per_loop = 1e6 / RATE / loops[step] if loops.get(step) else None
+        cells = [f"{100 * shares[name] / max(busy, 1):.0f}%"
+                 + (f" ({shares[name] * per_loop:.0f})" if per_loop else "") for name in names]
+        lines.append(f"| {step} | {busy} | "
+                     f"{f'{busy * per_loop:.0f}' if per_loop else '–'} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarise(paths: list[str], top: int = 10) -> dict:
-    """Samples per thread group (the trio main thread, workers) by bucket, and the main
-    thread's razorfs frames anywhere on the stack (inclusive: which razorfs code the time is
-    under)."""
+    """Samples by bucket of the innermost frame for the trio main thread and the worker
+    threads; the main thread's samples by task, each with its own buckets."""
     groups: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    inclusive: collections.Counter = collections.Counter()
-    layers: collections.Counter = collections.Counter()
-    main_samples = 0
+    tasks: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for path in paths:
         if not os.path.exists(path):
             continue
@@ -106,14 +161,12 @@ def summarise(paths: list[str], top: int = 10) -> dict:
                 group = "main" if "MainThread" in frames[0] else "workers"
                 groups[group][category(frames)] += count
                 if group == "main":
-                    main_samples += count
-                    layers[layer(frames)] += count
-                    for frame in {re.sub(r":\d+\)", ")", f) for f in frames
-                                  if "razorfs/" in f}:
-                        inclusive[frame] += count
-    return {"main_samples": main_samples, "main_layers": layers.most_common(),
+                    tasks[task(frames)][category(frames)] += count
+    ordered = sorted(tasks.items(), key=lambda item: -sum(item[1].values()))
+    return {"main_samples": sum(groups["main"].values()),
             "groups": {group: counter.most_common(top) for group, counter in groups.items()},
-            "main_inclusive": inclusive.most_common(top)}
+            "tasks": [(name, sum(c.values()), c.most_common(3)) for name, c in ordered[:top]],
+            "all_tasks": [(name, sum(c.values()), []) for name, c in ordered]}
 
 
 def format_profile(step: str, profile: dict) -> str:
@@ -124,11 +177,9 @@ def format_profile(step: str, profile: dict) -> str:
         total = sum(count for _, count in rows) or 1
         lines.append(f"  {'main trio thread' if group == 'main' else 'worker threads'}:")
         lines += [f"    {100 * count / total:5.1f}%  {name}" for name, count in rows[:8]]
-    lines.append("  main thread by razorfs module (the task's outermost razorfs frame):")
-    lines += [f"    {100 * count / (profile['main_samples'] or 1):5.1f}%  {name}"
-              for name, count in profile["main_layers"][:8]]
-    lines.append("  main thread, razorfs functions on the stack (inclusive):")
+    lines.append("  main thread by trio task (its top innermost buckets):")
     total = profile["main_samples"] or 1
-    lines += [f"    {100 * count / total:5.1f}%  {frame}"
-              for frame, count in profile["main_inclusive"][:10]]
+    for name, samples, buckets in profile["tasks"]:
+        inner = "; ".join(f"{100 * n / samples:.0f}% {bucket[:40]}" for bucket, n in buckets)
+        lines.append(f"    {100 * samples / total:5.1f}%  {name}  ({inner})")
     return "\n".join(lines)

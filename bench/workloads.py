@@ -51,7 +51,7 @@ class Meter:
         before = self.target.requests()
         profiling = self.profiler is not None and self.profiler.wants(name, self.target)
         if profiling:
-            self.profiler.start(pid, name)
+            self.profiler.start(pid, name, self.target.kind)
         cpu_before = cpu_sample(pid) if pid else None
         started = time.perf_counter()
         try:
@@ -61,7 +61,7 @@ class Meter:
             if cpu_before is not None:
                 record["cpu"], record["main_cpu"] = cpu_between(cpu_before, cpu_sample(pid), pid)
             if profiling:
-                self.profiler.stop()
+                self.profiler.stop(record.get("count"))
         after = self.target.requests()
         if before is not None and after is not None:
             record["requests"] = {key: after[key] - before.get(key, 0) for key in after
