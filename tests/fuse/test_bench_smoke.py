@@ -53,6 +53,10 @@ def test_suite_quick(tmp_path):
         assert row["razorfs_mix"][kind] == 1 and row["floor_mix"][kind] == 1, (kind, row)
         assert f"| {kind} |" in output
     assert report["per_request"]["create"]["razorfs_mix"]["lookup"] == 1
+    # unlink and rename run with the dentry cache dropped: every name is looked up again
+    for target in ("razorfs", "floor"):
+        assert report["per_request"]["unlink"][f"{target}_mix"]["lookup"] == pytest.approx(
+            1, abs=0.05)
     verdicts = {t["step"]: t["met"] for t in report["targets"]}
     assert set(verdicts) >= {f"req_{kind}" for kind in REQUEST_KINDS} | {"tree_rm"}
     for kind in REQUEST_KINDS:
