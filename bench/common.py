@@ -26,6 +26,7 @@ MiB = 1 << 20
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RAZORFS = [sys.executable, "-m", "razorfs"]
 TICK = os.sysconf("SC_CLK_TCK")
+WAIT_EXIT = 120  # seconds a daemon may take to end after its unmount (its writeback included)
 
 
 def drop_caches(level: int = 3) -> None:
@@ -119,19 +120,32 @@ def _wait_mounted(path: str, process: subprocess.Popen | None, timeout: float = 
         time.sleep(0.01)
 
 
-def _unmount(path: str, process: subprocess.Popen) -> None:
-    for _ in range(40):
-        if subprocess.run(["fusermount3", "-u", path], capture_output=True).returncode == 0:
+def _unmount(path: str, process: subprocess.Popen) -> list[str]:
+    """Unmount a daemon's mount and wait for the daemon to end; what went wrong, if anything
+    (a stuck daemon is stopped, so that the run goes on)."""
+    problems = []
+    for attempt in range(40):
+        result = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+        if result.returncode == 0:
             break
         time.sleep(0.25)  # a just-finished tool may still hold a file open
     else:
+        problems.append(f"fusermount3 -u {path} kept failing ({result.stderr.strip()}); "
+                        f"detached it lazily")
         subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        raise RuntimeError(f"{process.args[0]} did not exit after unmount; killed") from None
+    for stop in (None, signal.SIGTERM, signal.SIGKILL):
+        if stop is not None:
+            problems.append(f"{process.args[0]} still running {WAIT_EXIT} s after the "
+                            f"unmount: sent {stop.name}")
+            process.send_signal(stop)
+        try:
+            process.wait(timeout=WAIT_EXIT)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for problem in problems:
+        log(problem)
+    return problems
 
 
 class Plain:
@@ -176,7 +190,7 @@ class Anchor(Plain):
         return self.path
 
     def __exit__(self, *exc_info) -> None:
-        _unmount(self.path, self.process)
+        self.log_problems = _unmount(self.path, self.process)
         os.rmdir(self.path)
         shutil.rmtree(self.backing)
 
@@ -198,7 +212,7 @@ class Floor(Plain):
         return self.path
 
     def __exit__(self, *exc_info) -> None:
-        _unmount(self.path, self.process)
+        self.log_problems = _unmount(self.path, self.process)
         os.rmdir(self.path)
 
     def requests(self) -> dict[str, int]:

@@ -242,10 +242,11 @@ def publish(runs: dict[str, list[dict]], context: dict, tools, profiler, json_pa
               for run in suite_runs for name, message in run["errors"].items()}
     for where, message in errors.items():
         print(f"error {where}: {message}")
-    problems = [line for run in runs.get("razorfs", []) for line in run["daemon_log_problems"]]
-    if problems:
-        print(f"the razorfs daemon logged {len(problems)} warning/error line(s), e.g. "
-              f"{problems[0][:300]}")
+    for kind, suite_runs in runs.items():
+        problems = [line for run in suite_runs for line in run["daemon_log_problems"]]
+        if problems:
+            print(f"{kind}: {len(problems)} warning/error line(s) from the daemon or its "
+                  f"unmount, e.g. {problems[0][:300]}")
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as out:

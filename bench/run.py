@@ -60,13 +60,17 @@ def sizes_for(quick: bool, tools: Tools, workdir: str) -> workloads.Sizes:
 def run_target(target, chosen: list[str], sizes, tools, profiler) -> dict:
     meter = workloads.Meter(target, profiler)
     errors = {}
-    with target as root:
-        for name in chosen:
-            try:
-                WORKLOADS[name](meter, root, sizes, tools)
-            except Exception as exc:  # one failing workload must not lose the others
-                errors[name] = f"{type(exc).__name__}: {exc}"
-                log(f"{target.kind} {name} FAILED: {errors[name]}")
+    try:
+        with target as root:
+            for name in chosen:
+                try:
+                    WORKLOADS[name](meter, root, sizes, tools)
+                except Exception as exc:  # one failing workload must not lose the others
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                    log(f"{target.kind} {name} FAILED: {errors[name]}")
+    except Exception as exc:  # mounting or unmounting: the other targets still run
+        errors["mount"] = f"{type(exc).__name__}: {exc}"
+        log(f"{target.kind} FAILED: {errors['mount']}")
     return {"steps": meter.steps, "errors": errors,
             "daemon_log_problems": getattr(target, "log_problems", [])}
 
