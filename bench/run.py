@@ -2,22 +2,24 @@
 passthrough_hp over a directory of the same disk, and on a plain directory of that disk, in one
 run; per request kind, razorfs's daemon CPU against a pyfuse3 filesystem that does nothing.
 
-    .venv/bin/python bench/run.py                     # everything, medians of 3 (~15 min here)
+    .venv/bin/python bench/run.py                     # everything, medians of 3
     .venv/bin/python bench/run.py --quick             # smoke run: tiny sizes, 1 repetition
     .venv/bin/python bench/run.py --only tree,requests --repeat 5
-    .venv/bin/python bench/run.py --only requests --targets razorfs --profile req_
+    .venv/bin/python bench/run.py --only requests --targets razorfs,floor --profile req_
 
 Run as root (drops caches, mounts). Tools come from bench/tools.py (Debian's fio, fsmark,
 dbench; passthrough_hp built from Debian's fuse3 source; the git source tarball for the trees);
 --no-install skips what is missing instead, and --quick uses a small generated tree, so a smoke
-run needs no network and no anchor. Each repetition mounts every target afresh and runs the
+run needs no network and no anchor. --profile runs py-spy on razorfs and the floor during the
+named steps (prefixes) and prints where their trio thread's time goes, by task. Each repetition mounts every target afresh and runs the
 workloads on each in turn (the order rotates between repetitions); the floor runs only the
 per-request loops. Results, every run's steps with their load average, the daemons' CPU and
 razorfs's request and WAL counters, go to --json.
 
 Workloads (--only): tree (extract, cp -a, cold grep -r, find -exec stat, rm -rf of ~4,500
 entries), requests (5,000 of each kind: create, unlink and rename after dropping the dentry
-cache, mkdir, setattr by futimens, 4 KiB write, 4 KiB write + fsync, 4 KiB O_DIRECT read),
+cache, mkdir; at most 5 s each of setattr by futimens, 4 KiB write, 4 KiB write + fsync, 4 KiB
+O_DIRECT read),
 append (100,000 writes of 16 B with O_APPEND), fio (sequential 1 MiB write with end fsync of
 256 MiB, its cold read, 4 KiB random write + fsync for 10 s with 1 and 4 jobs), fs_mark (5,000
 4 KiB files without fsync, 2,000 with), dbench (4 clients, 10 s).
