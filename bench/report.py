@@ -234,8 +234,8 @@ def publish(runs: dict[str, list[dict]], context: dict, tools, profiler, json_pa
     for step, profile in profiles.items():
         print("\n" + spy.format_profile(step, profile))
     if profiles:
-        print("\nthe trio thread's samples outside epoll.poll, by task:\n"
-              + spy.compact_table(profiles, profiler.loops))
+        print("\nthe trio thread's CPU per loop iteration, split by trio task in the "
+              "proportions of py-spy's samples:\n" + spy.compact_table(profiles, runs))
     for name, reason in tools.missing.items():
         print(f"skipped ({name}): {reason}")
     errors = {f"{kind}/{name}": message for kind, suite_runs in runs.items()

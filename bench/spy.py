@@ -45,7 +45,6 @@ class Profiler:
         self.py_spy = (shutil.which("py-spy")
                        or shutil.which("py-spy", path=os.path.dirname(sys.executable)))
         self.files: dict[str, list[str]] = collections.defaultdict(list)  # "kind step"
-        self.loops: dict[str, int] = {}
         self._process: subprocess.Popen | None = None
         if self.py_spy is None:
             log("py-spy not found: `.venv/bin/pip install py-spy` to use --profile")
@@ -65,16 +64,12 @@ class Profiler:
              "--rate", str(RATE)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.files[key].append(path)
-        self._key = key
         time.sleep(0.5)  # py-spy attaches
 
-    def stop(self, loops: int | None) -> None:
-        """``loops``: iterations of the step (request loops), for samples per iteration."""
+    def stop(self) -> None:
         self._process.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
         self._process.wait(timeout=60)
         self._process = None
-        if loops:
-            self.loops[self._key] = self.loops.get(self._key, 0) + loops
 
 
 def category(frames: list[str]) -> str:
@@ -122,25 +117,28 @@ def column(task_name: str) -> str:
     return "other"
 
 
-def compact_table(profiles: dict[str, dict], loops: dict[str, int]) -> str:
-    """One row per profiled step: the trio thread's samples outside epoll.poll by task, as
-    shares, and per loop iteration in µs of wall time (a sample per 1/RATE s) where the
-    step counted its iterations."""
+def compact_table(profiles: dict[str, dict], runs: dict[str, list[dict]]) -> str:
+    """One row per profiled step: the trio thread's CPU per loop iteration (/proc, median of
+    the runs) split by task in the proportions of its py-spy samples outside epoll.poll (py-spy
+    pauses the daemon at each sample, so its own counts are not the CPU time)."""
     names = [name for name, _ in COLUMNS] + ["other"]
-    lines = ["| step | busy samples | µs per loop | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
-    for step, profile in profiles.items():
+    lines = ["| step | trio thread CPU µs / loop | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for key, profile in profiles.items():
+        kind, step = key.split(" ", 1)
+        per_loop = [run["steps"][step]["main_cpu"] / run["steps"][step]["count"] * 1e6
+                    for run in runs.get(kind, []) if "count" in run["steps"].get(step, {})
+                    and "main_cpu" in run["steps"][step]]
         shares = collections.Counter()
         for name, samples, _ in profile["all_tasks"]:
             if "epoll.poll" not in name:
                 shares[column(name)] += samples
         busy = sum(shares.values())
-        per_loop = 1e6 / RATE / loops[step] if loops.get(step) else None
-        cells = [f"{100 * shares[name] / max(busy, 1):.0f}%"
-                 + (f" ({shares[name] * per_loop:.0f})" if per_loop else "") for name in names]
-        lines.append(f"| {step} | {busy} | "
-                     f"{f'{busy * per_loop:.0f}' if per_loop else '–'} | "
-                     + " | ".join(cells) + " |")
+        if not per_loop or not busy:
+            continue
+        cpu = sorted(per_loop)[len(per_loop) // 2]
+        lines.append(f"| {key} | {cpu:.0f} | "
+                     + " | ".join(f"{cpu * shares[name] / busy:.0f}" for name in names) + " |")
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ class Meter:
             if cpu_before is not None:
                 record["cpu"], record["main_cpu"] = cpu_between(cpu_before, cpu_sample(pid), pid)
             if profiling:
-                self.profiler.stop(record.get("count"))
+                self.profiler.stop()
         after = self.target.requests()
         if before is not None and after is not None:
             record["requests"] = {key: after[key] - before.get(key, 0) for key in after
