@@ -3,7 +3,10 @@ only that each script runs to the end against real mounts and reports what it me
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +33,7 @@ def test_suite_quick(tmp_path):
     output = run_script("run.py", "--quick", "--no-install", "--only", "tree,requests,append",
                         "--workdir", str(tmp_path / "work"), "--json", str(results)).stdout
     report = json.loads(results.read_text())
-    assert not report["errors"]
+    assert not [where for where in report["errors"] if not where.startswith("C/")]
     for step in ("tree_extract", "tree_cp", "tree_grep_cold", "tree_find_stat", "tree_rm",
                  "append"):
         assert report["medians"]["razorfs"][step] > 0
@@ -42,10 +45,10 @@ def test_suite_quick(tmp_path):
         medians["plain"]["tree_rm"] / medians["razorfs"]["tree_rm"])
     assert report["ratios"]["plain"]["append"] == pytest.approx(
         medians["razorfs"]["append"] / medians["plain"]["append"])
-    if "C" in report["medians"]:
+    if "anchor" in report["skipped"]:  # not built: no C column, and no failure for it
+        assert "C" not in report["medians"]
+    elif not report["errors"]:
         assert report["ratios"]["C"]["tree_extract"] > 0
-    else:
-        assert "anchor" in report["skipped"]
     for kind in REQUEST_KINDS:
         row = report["per_request"][kind]
         assert row["razorfs_cpu_us"] > 0 and row["floor_cpu_us"] > 0, (kind, row)
@@ -87,3 +90,29 @@ def test_checkpoint_stall_tiny(tmp_path):
                         "--workdir", str(tmp_path)).stdout
     assert "no checkpoint" in output and "longest tree manager step" in output
     assert output.count("checkpoint 1 ") == 1
+
+
+def test_quick_run_survives_a_broken_anchor(tmp_path):
+    """--quick never fails for the anchor: one that cannot mount is reported, not fatal."""
+    spec = importlib.util.spec_from_file_location("bench_tools", BENCH / "tools.py")
+    tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tools)
+    version = tools._dpkg_version("libfuse3-dev")
+    if not version:
+        pytest.skip("libfuse3-dev is not installed")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    recipe = hashlib.sha256(" ".join(tools.ANCHOR_BUILD).encode()).hexdigest()[:8]
+    fake = cache / f"passthrough_hp-{version}-{recipe}"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    results = tmp_path / "suite.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--quick", "--no-install", "--only", "append",
+         "--targets", "C,plain", "--workdir", str(tmp_path / "work"), "--json", str(results)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RAZORFS_BENCH_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(results.read_text())
+    assert "exited with 3 before mounting" in report["errors"]["C/mount"]
+    assert report["medians"]["plain"]["append"] > 0
