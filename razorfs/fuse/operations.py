@@ -22,7 +22,7 @@ from razorfs.fuse.datapath import DataPath
 from razorfs.fuse.errors import fuse_edge
 from razorfs.fuse.setid import setgid_dropped, setid_bits_dropped
 from razorfs.metrics import RequestMetrics
-from razorfs.state.tree import Attr
+from razorfs.state.tree import Attr, clamp_time_ns
 from razorfs.storage.formats import BLOCK_SIZE
 
 READDIR_BATCH = 256
@@ -162,8 +162,9 @@ class Operations(pyfuse3.Operations):
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            # the kernel passes any 64-bit seconds: kept as ext4 keeps them (and encodable)
+            atime_ns=clamp_time_ns(attr.st_atime_ns) if fields.update_atime else None,
+            mtime_ns=clamp_time_ns(attr.st_mtime_ns) if fields.update_mtime else None,
         )
         times_only = (fields.update_atime or fields.update_mtime) and not (
             fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size)
