@@ -23,7 +23,8 @@ from razorfs.actors.mailbox import Mailbox, dispatch
 from razorfs.actors.wal_writer import WalStatus
 from razorfs.errors import FsError, NoSuchEntry
 from razorfs.state import redo, snapshot
-from razorfs.state.tree import ROOT_INO, Attr, Inode, TreeState, clamp_time_ns
+from razorfs.state.tree import (
+    DOT_COOKIE, DOTDOT_COOKIE, ROOT_INO, Attr, Inode, TreeState, clamp_time_ns)
 from razorfs.storage.formats import BLOCK_SIZE
 
 log = structlog.get_logger("razorfs.tree")
@@ -116,6 +117,13 @@ class TreeQueries:
             child.lookups += 1
             result.append((name, cookie, child.attr()))
         return tuple(result)
+
+    def dot_entries(self, ino: int) -> tuple:
+        """(name, cookie, attr) of directory ``ino``'s "." and "..". Not counted as lookups:
+        the kernel takes no reference for them (fs/fuse/readdir.c, fuse_direntplus_link)."""
+        directory = self.directory(ino)
+        parent = self._state.inodes.get(directory.parent, directory)  # gone: removed, unlisted
+        return ((b".", DOT_COOKIE, directory.attr()), (b"..", DOTDOT_COOKIE, parent.attr()))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         xattrs = self.inode(ino).xattrs or {}

@@ -22,7 +22,7 @@ from razorfs.fuse.datapath import DataPath
 from razorfs.fuse.errors import fuse_edge
 from razorfs.fuse.setid import setgid_dropped, setid_bits_dropped
 from razorfs.metrics import RequestMetrics
-from razorfs.state.tree import Attr, clamp_time_ns
+from razorfs.state.tree import DOTDOT_COOKIE, Attr, clamp_time_ns
 from razorfs.storage.formats import BLOCK_SIZE
 
 READDIR_BATCH = 256
@@ -331,7 +331,11 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def readdir(self, fh, start_id, token):
         ino = self._open_file(fh).ino
-        after = start_id
+        if start_id < DOTDOT_COOKIE:
+            for name, cookie, attr in self._queries.dot_entries(ino)[start_id:]:
+                if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie):
+                    return
+        after = max(start_id, DOTDOT_COOKIE)
         while True:
             entries = self._queries.readdir(ino, after, READDIR_BATCH)
             for index, (name, cookie, attr) in enumerate(entries):

@@ -78,9 +78,16 @@ class ReplayError(Exception):
     """A redo operation that does not fit the state: the log or checkpoint is inconsistent."""
 
 
+# readdir positions: "." and ".." come first, at cookies of their own that no name takes
+DOT_COOKIE, DOTDOT_COOKIE = 1, 2
+FIRST_NAME_COOKIE = 3
+
+
 def name_cookie(name: bytes) -> int:
-    """A name's readdir position: 62 bits of its hash (never 0, fits a signed off_t)."""
-    return (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2) + 1
+    """A name's readdir position: 62 bits of its hash, from FIRST_NAME_COOKIE on (fits a
+    signed off_t)."""
+    return ((int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2)
+            + FIRST_NAME_COOKIE)
 
 
 def _times_shared(atime_ns: int, mtime_ns: int, ctime_ns: int) -> tuple[int, int, int]:
