@@ -86,13 +86,16 @@ class TreeQueries:
         return self._state.inodes[ino]
 
     def lookup(self, parent_ino: int, name: bytes) -> Attr:
-        parent = self.directory(parent_ino)
         if name == b".":
-            inode = parent
+            # The kernel asks "." of any inode's number (a directory's or not) to open a file
+            # handle whose inode it no longer holds; one removed since answers ESTALE.
+            inode = self.inode(parent_ino)
+            if inode.nlink == 0:
+                raise FsError(errno.ENOENT, f"inode {parent_ino} was removed")
         elif name == b"..":
-            inode = self.inode(parent.parent)
+            inode = self.inode(self.directory(parent_ino).parent)
         else:
-            inode = self.child(parent, name)
+            inode = self.child(self.directory(parent_ino), name)
         inode.lookups += 1
         return inode.attr()
 

@@ -45,13 +45,15 @@ def negative_entry() -> pyfuse3.EntryAttributes:
     return entry
 
 
-def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
+def entry_attributes(attr: Attr, generation: int = 0) -> pyfuse3.EntryAttributes:
+    """``generation`` matters in entry replies only (lookup, creations, readdirplus): the
+    kernel keeps it as the inode's, for file handles."""
     entry = pyfuse3.EntryAttributes()
     (entry.st_ino, entry.st_mode, entry.st_nlink, entry.st_uid, entry.st_gid, entry.st_rdev,
      entry.st_size, entry.st_blocks, entry.st_atime_ns, entry.st_mtime_ns,
      entry.st_ctime_ns) = attr
     entry.st_blksize = BLOCK_SIZE
-    entry.generation = 0
+    entry.generation = generation
     entry.entry_timeout = ATTR_TIMEOUT
     entry.attr_timeout = ATTR_TIMEOUT
     return entry
@@ -70,6 +72,7 @@ class Operations(pyfuse3.Operations):
         self._allocator = handles.allocator
         self._data = DataPath(handles)
         self._wal_status = handles.wal_status
+        self._generations = handles.recovered.generations
         self._sync_writes = sync_writes
         self.noatime = noatime
         self.read_only = read_only  # a mount (or remount) with -o ro: every change is EROFS
@@ -112,7 +115,10 @@ class Operations(pyfuse3.Operations):
         return reply
 
     async def _make(self, message) -> pyfuse3.EntryAttributes:
-        return entry_attributes((await self._change(message)).attr)
+        return self._entry((await self._change(message)).attr)
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        return entry_attributes(attr, self._generations.of(attr.ino))
 
     async def _sync_all(self) -> None:
         lsn = self._queries.sync_point()
@@ -142,7 +148,7 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def lookup(self, parent_inode, name, ctx=None):
         try:
-            return entry_attributes(self._queries.lookup(parent_inode, name))
+            return self._entry(self._queries.lookup(parent_inode, name))
         except NoSuchEntry:
             return negative_entry()
 
@@ -333,13 +339,13 @@ class Operations(pyfuse3.Operations):
         ino = self._open_file(fh).ino
         if start_id < DOTDOT_COOKIE:
             for name, cookie, attr in self._queries.dot_entries(ino)[start_id:]:
-                if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie):
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cookie):
                     return
         after = max(start_id, DOTDOT_COOKIE)
         while True:
             entries = self._queries.readdir(ino, after, READDIR_BATCH)
             for index, (name, cookie, attr) in enumerate(entries):
-                if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie):
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cookie):
                     # Each returned entry counted as a lookup; the kernel took none of these.
                     rejected = tuple(v for e in entries[index:] for v in (e[2][0], 1))
                     await self._tree.tell(m.Forget(rejected))

@@ -36,6 +36,22 @@ async def test_create_lookup_getattr(fs):
         fs.queries.readlink(created.ino)
 
 
+async def test_dot_looks_up_any_inode_by_number_until_it_is_removed(fs):
+    """What the kernel asks to open a file handle whose inode it forgot: "." of the inode's
+    number, a file's too (ENOTDIR before issue 18), and ".." of a directory's."""
+    d = await fs.mkdir(b"d")
+    f = await fs.create(b"f", d.ino)
+    assert fs.queries.lookup(f.ino, b".") == f
+    assert fs.queries.lookup(d.ino, b".").ino == d.ino
+    assert fs.queries.lookup(d.ino, b"..").ino == ROOT
+    await remove(fs, d.ino, b"f")  # still held by the kernel's reference from the create
+    with raises(errno.ENOENT):
+        fs.queries.lookup(f.ino, b".")
+    await remove(fs, ROOT, b"d", directory=True)
+    with raises(errno.ENOENT):
+        fs.queries.lookup(d.ino, b".")
+
+
 async def test_mkdir_rmdir_rename_keep_directory_link_counts(fs):
     d = await fs.mkdir(b"d")
     assert d.nlink == 2 and (await fs.getattr(ROOT)).nlink == 3
