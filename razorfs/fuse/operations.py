@@ -20,6 +20,7 @@ from razorfs.actors.system import Handles
 from razorfs.errors import FsError, NoSuchEntry
 from razorfs.fuse.datapath import DataPath
 from razorfs.fuse.errors import fuse_edge
+from razorfs.fuse.pagecache import DirectIoCoherence
 from razorfs.fuse.setid import setgid_dropped, setid_bits_dropped
 from razorfs.metrics import RequestMetrics
 from razorfs.state.tree import DOTDOT_COOKIE, Attr, clamp_time_ns
@@ -33,6 +34,7 @@ ATTR_TIMEOUT = 1.0
 class OpenFile:
     ino: int
     flags: int
+    direct: bool = False  # opened with O_DIRECT
 
 
 def negative_entry() -> pyfuse3.EntryAttributes:
@@ -79,6 +81,7 @@ class Operations(pyfuse3.Operations):
         self.reraise_unexpected = reraise_unexpected
         self.metrics = RequestMetrics()
         self._open_files: dict[int, OpenFile] = {}
+        self._page_cache = DirectIoCoherence()
         self._next_fh = 1
         self.initialized = trio.Event()  # set once the kernel's FUSE INIT is answered
 
@@ -128,7 +131,10 @@ class Operations(pyfuse3.Operations):
     def _new_fh(self, ino: int, flags: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._open_files[fh] = OpenFile(ino, flags)
+        direct = bool(flags & os.O_DIRECT)
+        self._open_files[fh] = OpenFile(ino, flags, direct)
+        if direct:
+            self._page_cache.opened(ino)
         return fh
 
     def _open_file(self, fh: int) -> OpenFile:
@@ -286,6 +292,7 @@ class Operations(pyfuse3.Operations):
         ino = self._open_file(fh).ino
         if size <= 0:
             return b""
+        self._page_cache.caching(ino)
         first = off // BLOCK_SIZE
         count = (off + size - 1) // BLOCK_SIZE - first + 1
         file_size, data = await self._data.read(ino, first, count)
@@ -302,11 +309,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def write(self, fh, off, buf):
-        ino = self._open_file(fh).ino
+        open_file = self._open_file(fh)
+        ino = open_file.ino
         if not buf:
             return 0
         self._refuse_changes()
+        if not open_file.direct:
+            self._page_cache.caching(ino)  # write-through: the kernel keeps what was written
         reply = await self._data.write(ino, off, buf)
+        if open_file.direct:
+            await self._page_cache.direct_write_applied(ino)
         await self._settle(reply.lsn)
         self.metrics.bytes_written += len(buf)
         return len(buf)
@@ -320,7 +332,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def release(self, fh):
-        self._open_files.pop(fh, None)
+        open_file = self._open_files.pop(fh, None)
+        if open_file is not None and open_file.direct:
+            self._page_cache.released(open_file.ino)
 
     @fuse_edge
     async def fsync(self, fh, datasync):
