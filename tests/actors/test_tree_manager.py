@@ -9,7 +9,7 @@ from razorfs.actors import messages as m
 from razorfs.actors.block_allocator import BlockAllocator
 from razorfs.storage.formats import BLOCK_SIZE
 
-from .harness import DIR, FILE, ROOT, pattern, raises
+from .harness import DIR, FILE, ROOT, mounted, pattern, raises
 
 NOREPLACE, EXCHANGE = pyfuse3.RENAME_NOREPLACE, pyfuse3.RENAME_EXCHANGE
 RESERVED_BYTES = BlockAllocator.RESERVED_BYTES
@@ -298,3 +298,21 @@ async def test_nearly_full_disk_refuses_data_but_not_metadata(fs):
     await fs.write(f.ino, BLOCK_SIZE, pattern(3, 5 * BLOCK_SIZE))  # reuses them
     assert await fs.read(f.ino) == data[:BLOCK_SIZE] + pattern(3, 5 * BLOCK_SIZE)
     assert (await fs.space()).used == 6
+
+
+async def test_times_beyond_ext4s_range_are_kept_as_ext4_keeps_them(fs, disk):
+    """Seconds outside [-2**31, 2**34 - 2**31 - 1] become the nearest bound, nanoseconds
+    dropped (issue 18: ext4 with 256-byte inodes, measured), and read back so after replay."""
+    f = await fs.create(b"f")
+    cases = {(2**64 - 1, -(2**63)): (15032385535 * 10**9, -(2**31) * 10**9),
+             (15032385535 * 10**9 + 7, -(2**31) * 10**9 + 7): (15032385535 * 10**9,
+                                                             -(2**31) * 10**9),
+             (15032385534 * 10**9 + 7, -(2**31 - 1) * 10**9 - 1): (15032385534 * 10**9 + 7,
+                                                                 -(2**31) * 10**9)}
+    for (atime, mtime), expected in cases.items():
+        attr = (await fs.call(m.SetAttr(f.ino, atime_ns=atime, mtime_ns=mtime))).attr
+        assert (attr.atime_ns, attr.mtime_ns) == expected
+    await fs.sync()
+    async with mounted(disk.crash()) as again:
+        attr = await again.getattr(f.ino)
+        assert (attr.atime_ns, attr.mtime_ns) == expected
