@@ -52,7 +52,8 @@ class Generations:
 
     @classmethod
     def after_damage(cls, now_s: int) -> Generations:
-        """A table for a filesystem whose epochs were lost: one epoch for every existing inode
-        (their old handles answer ESTALE, the safe way), numbered from the clock's seconds
-        ``now_s``, so above every epoch a count of mounts gave before."""
+        """A table for a filesystem whose epochs were lost, or restored from a replica: one
+        epoch for every existing inode (their old handles answer ESTALE, the safe way),
+        numbered from the clock's seconds ``now_s``, so above every epoch a count of mounts
+        gave before."""
         return cls([(ROOT_INO + 1, min(now_s, EPOCH_MAX - (1 << 24)))])
