@@ -110,7 +110,8 @@ def test_handles_open_the_same_file_after_caches_drop_and_remount_as_on_ext4(mou
     results = {side: opened(root, handles) for side, (root, handles) in sides.items()}
     for side in sides:
         assert results[side] == {
-            **{name: (inode_numbers[side][name], expected[name]) for name in ("top", "deep", "dir")},
+            **{name: (inode_numbers[side][name], expected[name])
+               for name in ("top", "deep", "dir")},
             "gone": "ESTALE", "gone dir": "ESTALE"}, side
 
     mount.remount()
