@@ -23,7 +23,8 @@ from razorfs.actors.mailbox import Mailbox, dispatch
 from razorfs.actors.wal_writer import WalStatus
 from razorfs.errors import FsError, NoSuchEntry
 from razorfs.state import redo, snapshot
-from razorfs.state.tree import ROOT_INO, Attr, Inode, TreeState
+from razorfs.state.tree import (
+    DOT_COOKIE, DOTDOT_COOKIE, ROOT_INO, Attr, Inode, TreeState, clamp_time_ns)
 from razorfs.storage.formats import BLOCK_SIZE
 
 log = structlog.get_logger("razorfs.tree")
@@ -36,6 +37,9 @@ XATTR_TOTAL_MAX = 1 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
 RELATIME_PERIOD_NS = 24 * 3600 * 10**9
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# What listxattr can return at most (the kernel's XATTR_LIST_MAX): names beyond it could be set
+# but never listed again.
+XATTR_LIST_MAX = 65536
 
 
 def _check_name(name: bytes) -> None:
@@ -82,13 +86,16 @@ class TreeQueries:
         return self._state.inodes[ino]
 
     def lookup(self, parent_ino: int, name: bytes) -> Attr:
-        parent = self.directory(parent_ino)
         if name == b".":
-            inode = parent
+            # The kernel asks "." of any inode's number (a directory's or not) to open a file
+            # handle whose inode it no longer holds; one removed since answers ESTALE.
+            inode = self.inode(parent_ino)
+            if inode.nlink == 0:
+                raise FsError(errno.ENOENT, f"inode {parent_ino} was removed")
         elif name == b"..":
-            inode = self.inode(parent.parent)
+            inode = self.inode(self.directory(parent_ino).parent)
         else:
-            inode = self.child(parent, name)
+            inode = self.child(self.directory(parent_ino), name)
         inode.lookups += 1
         return inode.attr()
 
@@ -113,6 +120,13 @@ class TreeQueries:
             child.lookups += 1
             result.append((name, cookie, child.attr()))
         return tuple(result)
+
+    def dot_entries(self, ino: int) -> tuple:
+        """(name, cookie, attr) of directory ``ino``'s "." and "..". Not counted as lookups:
+        the kernel takes no reference for them (fs/fuse/readdir.c, fuse_direntplus_link)."""
+        directory = self.directory(ino)
+        parent = self._state.inodes.get(directory.parent, directory)  # gone: removed, unlisted
+        return ((b".", DOT_COOKIE, directory.attr()), (b"..", DOTDOT_COOKIE, parent.attr()))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         xattrs = self.inode(ino).xattrs or {}
@@ -177,7 +191,7 @@ class TreeManager:
         self._wal = wal
         self._wal_status = wal_status
         self._allocator = allocator
-        self._clock = clock
+        self._clock = lambda: clamp_time_ns(clock())  # a clock past 2446 stamps as ext4 would
         self._failsafe: str | None = None
         self.queries = TreeQueries(state, lambda: self._last_lsn, clock)
         self._handlers = {
@@ -234,6 +248,8 @@ class TreeManager:
             raise FsError(errno.EROFS, f"read-only (failsafe): {self._failsafe}")
         if not ops:
             return 0
+        # Encoded before it is applied: a value the log cannot hold must not change the state.
+        payload = redo.encode_ops(ops)
         freed: list[int] = []
         try:
             for op in ops:
@@ -244,7 +260,7 @@ class TreeManager:
             log.exception("failsafe: transaction failed to apply", ops=[type(o).__name__ for o in ops])
             raise FsError(errno.EIO, self._failsafe) from None
         self._last_lsn += 1
-        await self._wal.tell(m.Append(self._last_lsn, redo.encode_ops(ops)))
+        await self._wal.tell(m.Append(self._last_lsn, payload))
         if freed:
             await self._allocator.tell(m.FreeAfter(tuple(freed), self._last_lsn))
         return self._last_lsn
@@ -327,9 +343,9 @@ class TreeManager:
             changes["size"] = msg.size
             changes["mtime_ns"] = now
         if msg.atime_ns is not None:
-            changes["atime_ns"] = msg.atime_ns
+            changes["atime_ns"] = clamp_time_ns(msg.atime_ns)
         if msg.mtime_ns is not None:
-            changes["mtime_ns"] = msg.mtime_ns
+            changes["mtime_ns"] = clamp_time_ns(msg.mtime_ns)
         ops.append(inode.put_op(**changes))
         lsn = await self._commit(ops)
         return m.Changed(inode.attr(), lsn)
@@ -513,6 +529,9 @@ class TreeManager:
         total = sum(len(k) + len(v) for k, v in xattrs.items() if k != msg.name)
         if total + len(msg.name) + len(msg.value) > XATTR_TOTAL_MAX:
             raise FsError(errno.ENOSPC, "no space left for extended attributes")
+        if msg.name not in xattrs and sum(map(len, xattrs)) + len(xattrs) + len(msg.name) + 1 \
+                > XATTR_LIST_MAX:
+            raise FsError(errno.ENOSPC, "the attribute names would not fit in a listxattr")
         ops = [redo.PutXattr(inode.ino, msg.name, msg.value),
                inode.put_op(ctime_ns=self._clock())]
         return m.Committed(await self._commit(ops))

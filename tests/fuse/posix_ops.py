@@ -25,6 +25,7 @@ import hashlib
 import os
 import random
 import stat
+import struct
 import time
 
 BS = 4096
@@ -47,6 +48,39 @@ def renameat2(old: str, new: str, flags: int) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), old)
+
+
+SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+_DIRENT64_HEAD = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
+
+
+def getdents(fd: int, buffer_size: int = 32768) -> list[tuple[bytes, int, int]]:
+    """One getdents64(2) call on directory ``fd``, as the kernel answers it (dot entries
+    included, which os.listdir and os.scandir leave out): (name, d_ino, d_off) each."""
+    buffer = ctypes.create_string_buffer(buffer_size)
+    length = _libc.syscall(SYS_GETDENTS64, fd, buffer, buffer_size)
+    if length < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    raw, entries, offset = buffer.raw[:length], [], 0
+    while offset < length:
+        ino, off, reclen, _ = _DIRENT64_HEAD.unpack_from(raw, offset)
+        name = raw[offset + _DIRENT64_HEAD.size : offset + reclen].split(b"\0", 1)[0]
+        entries.append((name, ino, off))
+        offset += reclen
+    return entries
+
+
+def all_dents(path, buffer_size: int = 32768) -> list[tuple[bytes, int, int]]:
+    """Every entry of directory ``path``, by getdents64 calls until the end."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        entries = []
+        while chunk := getdents(fd, buffer_size):
+            entries += chunk
+        return entries
+    finally:
+        os.close(fd)
 
 
 def kind_of(mode: int) -> str:
@@ -223,7 +257,14 @@ class Side:
         os.rmdir(self.p(path))
 
     def op_listdir(self, path):
-        return sorted(os.listdir(self.p(path)))
+        """Names as getdents gives them ("." and ".." included), and whether the dot entries
+        carry the inode numbers of the directory and (below the side's root) its parent."""
+        dents = all_dents(self.p(path))
+        numbers = {name: ino for name, ino, _ in dents}
+        here = os.stat(self.p(path)).st_ino
+        parent = os.stat(self.p(os.path.dirname(path))).st_ino if path else None
+        return (sorted(os.fsdecode(name) for name, _, _ in dents), numbers.get(b".") == here,
+                numbers.get(b"..") == parent if path else None)
 
     def op_chmod(self, where, mode):
         os.chmod(self.target(where), mode)
