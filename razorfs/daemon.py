@@ -23,7 +23,7 @@ import pyfuse3
 import structlog
 import trio
 
-from razorfs import control, prometheus
+from razorfs import control, kernel_mount, prometheus
 from razorfs import log as razorfs_log
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, open_mailbox
@@ -266,7 +266,16 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mail
         return {"read_only": operations.read_only, "noatime": operations.noatime}
 
     try:
-        pyfuse3.init(operations, mountpoint, fuse_options)
+        kernel = kernel_mount.mount(mountpoint, mount_source(data_dir),
+                                    allow_other=options.allow_other,
+                                    read_only=options.read_only)
+        try:
+            pyfuse3.init(operations, mountpoint if kernel is None else kernel.session_path,
+                         fuse_options)
+        except BaseException:
+            if kernel is not None:
+                kernel.abandon()
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, options, log_stream)
@@ -285,7 +294,10 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mail
                 nursery.cancel_scope.cancel()
         finally:
             notify_systemd("STOPPING=1")
-            pyfuse3.close(unmount=True)
+            ours = kernel is not None and kernel.connected()
+            pyfuse3.close(unmount=True)  # closes the descriptor; unmounts what libfuse mounted
+            if ours:
+                kernel.detach()
             log.info("unmounted; committing and checkpointing", mountpoint=mountpoint)
     finally:
         await operations.close_mailboxes()
