@@ -47,15 +47,24 @@ from pathlib import Path
 
 import pytest
 from posix_ops import (
+    ACL_ACCESS,
+    ACL_DEFAULT,
+    GROUP_OBJ,
+    MASK,
     NAMES,
+    OTHER,
     SLOTS,
+    USER,
+    USER_OBJ,
     WEIGHTS,
     Generator,
     Side,
+    acl_value,
     assert_same_trees,
     describe,
     post_state,
 )
+from posix_ops import GROUP as ACL_GROUP
 from users import run_as
 
 LONG = bool(os.environ.get("RAZORFS_LONG"))
@@ -76,7 +85,9 @@ USER_DRAW = ("alice",) * 5 + ("bob",) * 2 + ("root",)
 UMASK = 0o022
 CHOWN_UIDS = (-1, -1, ALICE, BOB, 0)
 CHOWN_GIDS = (-1, ALICE, GROUP, BOB, 0)
-USER_WEIGHTS = {**WEIGHTS, "chmod": 6, "chown": 5, "touch": 2, "access": 3, "handoff": 3}
+USER_WEIGHTS = {**WEIGHTS, "chmod": 6, "chown": 5, "touch": 2, "access": 3, "handoff": 3,
+                "umask": 2}
+UMASKS = (0o022, 0o002, 0o077, 0o000, 0o027, 0o007)
 # chmod of a directory: mostly modes that keep it open to someone (posix_ops.MODES has 0o000,
 # 0o444, 0o600..., which lock users out of a subtree for the rest of the run)
 OPEN_DIR_MODES = (0o755, 0o775, 0o777, 0o711, 0o1777, 0o2775, 0o3777, 0o1770)
@@ -89,6 +100,7 @@ LAYOUT = (
     ("a", "d", ALICE, ALICE, 0o755, None),             # ALICE's own directory
     ("a/a", "f", ALICE, ALICE, 0o6755, b"set-id, ALICE's"),
     ("a/b", "f", BOB, BOB, 0o644, b"BOB's, in ALICE's directory"),
+    ("a/c", "f", BOB, BOB, 0o600, b"BOB's, ALICE may read it (ACL)"),
     ("b", "d", BOB, BOB, 0o1777, None),                # sticky, world-writable
     ("b/a", "f", BOB, BOB, 0o666, b"BOB's, writable by all"),
     ("b/b", "f", ALICE, ALICE, 0o644, b"ALICE's, in the sticky directory"),
@@ -107,8 +119,14 @@ LAYOUT = (
     ("d/d", "f", BOB, GROUP, 0o2767, b"setgid without group x, owner outside the group"),
     (NAMES[4], "f", 0, 0, 0o644, b"root's, in the root"),
 )
+# c is a shared directory: GROUP may do anything in it and in what is created there
+SHARED_ACL = acl_value(((USER_OBJ, 7), (GROUP_OBJ, 5), (ACL_GROUP, 7, GROUP), (MASK, 7),
+                        (OTHER, 5)))
 XATTRS = (("b/a", "user.a", b"BOB's"), ("c", "user.b", b"on a directory"),
-          ("a/a", "user.c", b"ALICE's"))
+          ("a/a", "user.c", b"ALICE's"),
+          ("c", ACL_DEFAULT, SHARED_ACL), ("c", ACL_ACCESS, SHARED_ACL),
+          ("a/c", ACL_ACCESS, acl_value(((USER_OBJ, 6), (USER, 4, ALICE), (GROUP_OBJ, 0),
+                                         (MASK, 4), (OTHER, 0)))))  # BOB lets ALICE read
 
 
 # ---- known differences ----
@@ -192,6 +210,10 @@ class UserSide(Side):
         st = os.stat(self.p(path), follow_symlinks=follow)
         return tuple(before - TOUCH_SLACK_NS <= t <= time.time_ns() + TOUCH_SLACK_NS
                      for t in (st.st_atime_ns, st.st_mtime_ns))
+
+    def op_umask(self, mask):
+        """The umask of this user's later creations (the previous one returned)."""
+        return oct(os.umask(mask))
 
 
 class HarnessError(RuntimeError):
@@ -415,6 +437,9 @@ class UserGenerator(Generator):
 
     def gen_touch(self):
         return {"kind": "touch", "path": self.path(), "follow": self.rng.random() < 0.8}
+
+    def gen_umask(self):
+        return {"kind": "umask", "mask": self.rng.choice(UMASKS)}
 
     def gen_handoff(self):
         slot = self.slot()
