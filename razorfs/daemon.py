@@ -1,9 +1,10 @@
 """The mount daemon: lock the data directory, recover, mount, serve, and shut down cleanly.
 
 Start-up order: lock → recovery coordinator (which recovers, then starts allocator, WAL writer
-and tree manager) → pyfuse3 mount → "ready". Shutdown (unmount, SIGTERM or SIGINT): the FUSE
-loop ends, the FUSE layer's mailboxes close, the coordinator takes a final checkpoint and closes
-the tree manager, which closes the WAL writer (final commit), which closes the allocator.
+and tree manager) → mount (``kernel_mount``, served by pyfuse3) → "ready". Shutdown (unmount,
+SIGTERM or SIGINT): the FUSE loop ends, the FUSE layer's mailboxes close, the coordinator takes
+a final checkpoint and closes the tree manager, which closes the WAL writer (final commit),
+which closes the allocator.
 """
 
 from __future__ import annotations
