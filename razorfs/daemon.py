@@ -267,9 +267,7 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mail
         return {"read_only": operations.read_only, "noatime": operations.noatime}
 
     try:
-        kernel = kernel_mount.mount(mountpoint, mount_source(data_dir),
-                                    allow_other=options.allow_other,
-                                    read_only=options.read_only)
+        kernel = kernel_mount.mount(mountpoint, fuse_options)
         try:
             pyfuse3.init(operations, mountpoint if kernel is None else kernel.session_path,
                          fuse_options)

@@ -6,8 +6,9 @@ flag nor asks for FUSE_DONT_MASK, and pyfuse3 cannot). Without it the kernel app
 to every create before razorfs sees the mode, and a file created under a default ACL could not
 get the mode ext4 gives it (the requested mode masked by the ACL, the umask ignored). libfuse
 takes the mounted /dev/fuse descriptor as the mountpoint ``/dev/fd/N``. Everything else about
-the mount is what libfuse does as root: nosuid, nodev, the same source and type, and a lazy
-unmount at the end if the mount is still ours.
+the mount is what libfuse does as root with the same options (its lib/mount.c): nosuid and nodev
+unless told otherwise, the flags and kernel options it knows, the same source and type, and a
+lazy unmount at the end if the mount is still ours.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes
 import errno
 import os
 import select
+from collections.abc import Iterable
 
 import structlog
 
@@ -24,8 +26,24 @@ log = structlog.get_logger("razorfs.mount")
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
 MS_POSIXACL = 1 << 16
 MNT_DETACH = 0x2
+
+# libfuse's table of options that are mount(2) flags: option -> (flag, set or cleared)
+FLAG_OPTIONS = {
+    "rw": (MS_RDONLY, False), "ro": (MS_RDONLY, True),
+    "suid": (MS_NOSUID, False), "nosuid": (MS_NOSUID, True),
+    "dev": (MS_NODEV, False), "nodev": (MS_NODEV, True),
+    "exec": (MS_NOEXEC, False), "noexec": (MS_NOEXEC, True),
+    "async": (MS_SYNCHRONOUS, False), "sync": (MS_SYNCHRONOUS, True),
+    "atime": (MS_NOATIME, False), "noatime": (MS_NOATIME, True),
+    "dirsync": (MS_DIRSYNC, True),
+}
+KERNEL_OPTIONS = frozenset({"allow_other", "default_permissions"})  # passed in the data
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -63,18 +81,31 @@ class KernelMount:
                 raise OSError(code, f"umount {self.mountpoint}: {os.strerror(code)}")
 
 
-def mount(mountpoint: str, source: str, *, allow_other: bool, read_only: bool
-          ) -> KernelMount | None:
-    """Mount razorfs at ``mountpoint``; None without the privilege to (then libfuse mounts,
+def mount(mountpoint: str, options: Iterable[str]) -> KernelMount | None:
+    """Mount at ``mountpoint`` with libfuse's mount ``options`` (fsname=, subtype=, flags,
+    allow_other, default_permissions); None without the privilege to (then libfuse mounts,
     through fusermount3, and the kernel applies the umask itself)."""
+    source, fstype = "fuse", "fuse"
+    flags = MS_NOSUID | MS_NODEV | MS_POSIXACL
+    kernel_options = []
+    for option in sorted(options):
+        name, _, value = option.partition("=")
+        if name == "fsname":
+            source = value
+        elif name == "subtype":
+            fstype = f"fuse.{value}"
+        elif option in FLAG_OPTIONS:
+            flag, enabled = FLAG_OPTIONS[option]
+            flags = flags | flag if enabled else flags & ~flag
+        elif option in KERNEL_OPTIONS:
+            kernel_options.append(option)
+        else:
+            raise ValueError(f"mount option {option!r} is not one libfuse would pass on")
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    options = [f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}",
-               f"group_id={os.getgid()}", "default_permissions"]
-    if allow_other:
-        options.append("allow_other")
-    flags = MS_NOSUID | MS_NODEV | MS_POSIXACL | (MS_RDONLY if read_only else 0)
-    if _libc.mount(os.fsencode(source), os.fsencode(mountpoint), b"fuse.razorfs", flags,
-                   ",".join(options).encode()) != 0:
+    data = [f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}",
+            *kernel_options]
+    if _libc.mount(os.fsencode(source), os.fsencode(mountpoint), os.fsencode(fstype), flags,
+                   ",".join(data).encode()) != 0:
         code = ctypes.get_errno()
         os.close(fd)
         if code == errno.EPERM:
