@@ -22,7 +22,7 @@ from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, dispatch
 from razorfs.actors.wal_writer import WalStatus
 from razorfs.errors import FsError, NoSuchEntry
-from razorfs.state import redo, snapshot
+from razorfs.state import acl, redo, snapshot
 from razorfs.state.tree import (
     DOT_COOKIE, DOTDOT_COOKIE, ROOT_INO, Attr, Inode, TreeState, clamp_time_ns)
 from razorfs.storage.formats import BLOCK_SIZE
@@ -175,6 +175,8 @@ class TreeQueries:
 def check_xattr_name(name: bytes) -> None:
     if len(name) > XATTR_NAME_MAX:
         raise FsError(errno.ERANGE, "attribute name too long")
+    if name in acl.NAMES:
+        return
     if not name.startswith(XATTR_NAMESPACES):
         raise FsError(errno.EOPNOTSUPP, "unsupported attribute namespace")
     if name in XATTR_NAMESPACES:
@@ -324,6 +326,11 @@ class TreeManager:
         ops: list = []
         if msg.mode is not None:
             changes["mode"] = stat.S_IFMT(inode.mode) | stat.S_IMODE(msg.mode)
+            access = (inode.xattrs or {}).get(acl.ACCESS)
+            if access is not None:  # posix_acl_chmod
+                changed = acl.encode(acl.chmod(acl.decode(access), msg.mode))
+                if changed != access:
+                    ops.append(redo.PutXattr(inode.ino, acl.ACCESS, changed))
         if msg.uid is not None:
             changes["uid"] = msg.uid
         if msg.gid is not None:
@@ -370,10 +377,22 @@ class TreeManager:
             if kind == stat.S_IFDIR:
                 mode |= stat.S_ISGID
         is_dir = kind == stat.S_IFDIR
+        inherited = []
+        default = (parent.xattrs or {}).get(acl.DEFAULT)
+        if kind != stat.S_IFLNK:  # a symlink is 0777 whatever the umask or the ACLs
+            if default is None:
+                mode &= ~(msg.umask & 0o777)
+            else:  # posix_acl_create: the default ACL replaces the umask
+                mode, access = acl.inherit(acl.decode(default), mode)
+                if access is not None:
+                    inherited.append(redo.PutXattr(ino, acl.ACCESS, acl.encode(access)))
+                if is_dir:
+                    inherited.append(redo.PutXattr(ino, acl.DEFAULT, default))
         ops = [
             redo.PutInode(ino, mode, 2 if is_dir else 1, msg.uid, gid,
                        msg.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0,
                        len(msg.target) if kind == stat.S_IFLNK else 0, now, now, now),
+            *inherited,
         ]
         if kind == stat.S_IFLNK:
             ops.append(redo.PutTarget(ino, msg.target))
@@ -521,6 +540,8 @@ class TreeManager:
         check_xattr_name(msg.name)
         if len(msg.value) > XATTR_VALUE_MAX:
             raise FsError(errno.E2BIG, "attribute value too large")
+        if msg.name in acl.NAMES:
+            return m.Committed(await self._commit(self._set_acl(inode, msg)))
         xattrs = inode.xattrs or {}
         if xattrs.get(msg.name) == msg.value:
             # As ext4: storing the value an attribute already has changes nothing, not even
@@ -536,9 +557,47 @@ class TreeManager:
                inode.put_op(ctime_ns=self._clock())]
         return m.Committed(await self._commit(ops))
 
+    def _set_acl(self, inode: Inode, msg: m.SetXattr) -> list:
+        """The operations of setting (or, for an empty value, removing) an ACL, as ext4 does
+        (ext4_set_acl): an access ACL sets the mode's permission bits and is kept only if the
+        mode cannot say it all; setting what is already there changes nothing."""
+        if stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EOPNOTSUPP, "symlinks have no ACLs")
+        entries = acl.decode(msg.value)
+        if msg.name == acl.DEFAULT and not inode.is_dir:
+            if entries is not None:
+                raise FsError(errno.EACCES, "only directories have a default ACL")
+            return []
+        current = (inode.xattrs or {}).get(msg.name)
+        mode = inode.mode
+        if entries is not None and msg.name == acl.ACCESS:
+            mode, equivalent = acl.mode_of(entries, mode)
+            if equivalent:
+                entries = None
+            if not msg.keep_setgid:
+                mode &= ~stat.S_ISGID
+        value = None if entries is None else acl.encode(entries)
+        ops: list = []
+        if value is not None and value != current:
+            ops.append(redo.PutXattr(inode.ino, msg.name, value))
+        elif value is None and current is not None:
+            ops.append(redo.DropXattr(inode.ino, msg.name))
+        if value is not None:
+            others = sum(len(k) + len(v) for k, v in (inode.xattrs or {}).items()
+                         if k != msg.name)
+            if others + len(msg.name) + len(value) > XATTR_TOTAL_MAX:
+                raise FsError(errno.ENOSPC, "no space left for extended attributes")
+        if ops or mode != inode.mode:
+            ops.append(inode.put_op(mode=mode, ctime_ns=self._clock()))
+        return ops
+
     async def _removexattr(self, msg: m.RemoveXattr):
         inode = self._inode(msg.ino)
         check_xattr_name(msg.name)
+        if msg.name in acl.NAMES:
+            # As ext4: removing an ACL that is not there succeeds (and changes nothing).
+            return m.Committed(await self._commit(self._set_acl(inode, m.SetXattr(
+                inode.ino, msg.name, b""))))
         if msg.name not in (inode.xattrs or {}):
             raise FsError(pyfuse3.ENOATTR, "no such attribute")
         ops = [redo.DropXattr(inode.ino, msg.name), inode.put_op(ctime_ns=self._clock())]

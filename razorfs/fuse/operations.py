@@ -21,8 +21,9 @@ from razorfs.errors import FsError, NoSuchEntry
 from razorfs.fuse.datapath import DataPath
 from razorfs.fuse.errors import fuse_edge
 from razorfs.fuse.pagecache import DirectIoCoherence
-from razorfs.fuse.setid import setgid_dropped, setid_bits_dropped
+from razorfs.fuse.setid import in_group_or_capable, setgid_dropped, setid_bits_dropped
 from razorfs.metrics import RequestMetrics
+from razorfs.state import acl
 from razorfs.state.tree import DOTDOT_COOKIE, Attr, clamp_time_ns
 from razorfs.storage.formats import BLOCK_SIZE
 
@@ -64,6 +65,7 @@ def entry_attributes(attr: Attr, generation: int = 0) -> pyfuse3.EntryAttributes
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    enable_acl = True  # the kernel enforces the ACLs we store (FUSE_POSIX_ACL)
 
     def __init__(self, handles: Handles, *, sync_writes: bool = False, noatime: bool = False,
                  read_only: bool = False, reraise_unexpected: bool = False) -> None:
@@ -202,12 +204,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return await self._make(m.MakeNode(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return await self._make(m.MakeNode(parent_inode, name, mode, rdev, ctx.uid, ctx.gid,
+                                           umask=ctx.umask))
 
     @fuse_edge
     async def mkdir(self, parent_inode, name, mode, ctx):
         return await self._make(m.MakeNode(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode),
-                                           0, ctx.uid, ctx.gid))
+                                           0, ctx.uid, ctx.gid, umask=ctx.umask))
 
     @fuse_edge
     async def symlink(self, parent_inode, name, target, ctx):
@@ -252,7 +255,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def setxattr(self, inode, name, value, ctx):
-        await self._change(m.SetXattr(inode, name, value))
+        keep_setgid = name != acl.ACCESS or in_group_or_capable(
+            self._queries.getattr(inode).gid, ctx.uid, ctx.gid, ctx.pid)
+        await self._change(m.SetXattr(inode, name, value, keep_setgid))
 
     @fuse_edge
     async def listxattr(self, inode, ctx):
@@ -284,7 +289,7 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def create(self, parent_inode, name, mode, flags, ctx):
         entry = await self._make(m.MakeNode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode),
-                                            0, ctx.uid, ctx.gid))
+                                            0, ctx.uid, ctx.gid, umask=ctx.umask))
         return pyfuse3.FileInfo(fh=self._new_fh(entry.st_ino, flags)), entry
 
     @fuse_edge

@@ -1,8 +1,9 @@
 """Seeded power-cut exploration of the real actors on a SimDisk.
 
 For each seed: mount, run a random workload (creates, mkdirs, copy-on-write writes, truncates,
-renames, links, unlinks, rmdirs, forgets of orphans, fsync points, checkpoints) with a model of
-the namespace, and unmount. A probe between the actors and the SimDisk keeps, for a uniform random
+renames, links, unlinks, rmdirs, forgets of orphans, xattrs, ACLs and the chmods and creates
+that rewrite or inherit them, fsync points, checkpoints) with a model of the namespace, and
+unmount. A probe between the actors and the SimDisk keeps, for a uniform random
 sample of the mutating storage calls, the disk a power cut just before that call could leave
 (``SimDisk.crash(keep_unsynced=True, tear=True)``: unsynced writes partly applied and torn). Each
 image must pass fsck, recover, and hold exactly the model state after the transaction with the
@@ -25,6 +26,7 @@ import pytest
 from actors.harness import ROOT, formatted, mounted
 from razorfs import fsck
 from razorfs.actors import messages as m
+from razorfs.state import acl
 from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.storage.interface import Storage, StorageFile
 from razorfs.storage.simdisk import SimDisk
@@ -35,9 +37,16 @@ CUTS_PER_RUN = 4  # plus the final cut, each also cut again during its recovery:
 TUNING = dict(commit_interval=1e6, segment_bytes=8 << 10)
 NAMES = [b"a", b"b", b"c", b"d", b"e"]
 XATTRS = [b"user.x", b"user.y", b"trusted.z"]
+# ACLs with named entries (never equivalent to a mode, so always stored), as stored
+NO_ID = acl.UNDEFINED_ID
+ACLS = [acl.encode(entries) for entries in (
+    ((acl.USER_OBJ, 7, NO_ID), (acl.USER, 5, 1000), (acl.GROUP_OBJ, 5, NO_ID),
+     (acl.MASK, 7, NO_ID), (acl.OTHER, 0, NO_ID)),
+    ((acl.USER_OBJ, 6, NO_ID), (acl.GROUP_OBJ, 4, NO_ID), (acl.GROUP, 6, 1234),
+     (acl.MASK, 6, NO_ID), (acl.OTHER, 4, NO_ID)))]
 ACTIONS = {"create": 12, "mkdir": 5, "symlink": 3, "write": 25, "truncate": 6, "rename": 12,
            "link": 5, "unlink": 10, "rmdir": 4, "forget": 4, "setxattr": 5, "removexattr": 2,
-           "sync": 12, "checkpoint": 3}
+           "setacl": 4, "chmod": 3, "sync": 12, "checkpoint": 3}
 
 explored = {"runs": 0, "cuts": 0}
 
@@ -124,6 +133,12 @@ class _ProbedFile(StorageFile):
         self._file.close()
 
 
+def served_xattrs(fs, ino: int) -> dict[bytes, bytes]:
+    """What the filesystem answers: the model of changes whose xattrs follow from rules (ACLs
+    inherited at creation, rewritten by chmod), so that recovery must rebuild exactly that."""
+    return {name: fs.queries.getxattr(ino, name) for name in fs.queries.listxattr(ino)}
+
+
 def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
@@ -208,6 +223,7 @@ class Workload:
             reply = await fs.call(m.MakeNode(self.dirs[parent_of(path)], name_of(path), mode,
                                              0, 0, 0, target))
             ino = reply.attr.ino
+            self.xattrs[ino] = served_xattrs(fs, ino)
             if stat.S_ISDIR(mode):
                 self.dirs[path] = ino
             else:
@@ -365,6 +381,36 @@ class Workload:
         async def go(fs):
             lsn = (await fs.call(m.RemoveXattr(ino, name))).lsn
             del self.xattrs[ino][name]
+            return lsn
+        return go
+
+    def setacl(self):
+        """Set an access ACL (mode and ACL) or a directory's default ACL, or remove one."""
+        inodes = sorted({*self.files.values(), *self.dirs.values()} - self.symlinks - {ROOT})
+        if not inodes:
+            return None
+        ino = self.rng.choice(inodes)
+        name = (acl.DEFAULT if ino in self.dirs.values() and self.rng.random() < 0.6
+                else acl.ACCESS)
+        current = self.xattrs.get(ino, {}).get(name)
+        value = (b"" if current is not None and self.rng.random() < 0.3
+                 else self.rng.choice([v for v in ACLS if v != current]))
+
+        async def go(fs):
+            lsn = (await fs.call(m.SetXattr(ino, name, value))).lsn
+            self.xattrs[ino] = served_xattrs(fs, ino)
+            return lsn
+        return go
+
+    def chmod(self):
+        ino = self._any_file()
+        if ino is None:
+            return None
+        mode = self.rng.choice([0o600, 0o640, 0o755, 0o4711])
+
+        async def go(fs):
+            lsn = (await fs.call(m.SetAttr(ino, mode=mode))).lsn
+            self.xattrs[ino] = served_xattrs(fs, ino)
             return lsn
         return go
 

@@ -116,3 +116,10 @@ def test_quick_run_survives_a_broken_anchor(tmp_path):
     report = json.loads(results.read_text())
     assert "exited with 3 before mounting" in report["errors"]["C/mount"]
     assert report["medians"]["plain"]["append"] > 0
+
+
+def test_nonowner_access_tiny():
+    output = run_script("nonowner_access.py", "--files", "50", "--rounds", "2").stdout
+    assert "100 opens + reads as uid 1000: razorfs" in output
+    requests = dict(item.split() for item in output.split("during the reads: ")[1].split(", "))
+    assert int(requests["getxattr"]) >= 50  # each file's ACL, asked for by the kernel
