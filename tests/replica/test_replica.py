@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
 
 from razorfs.storage.checkpoints import read_epochs, read_superblock
 from razorfs.storage.files import FileStorage

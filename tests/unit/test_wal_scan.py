@@ -161,7 +161,7 @@ def test_zeroed_last_record_ends_the_log_without_a_reason(disk, uuid) -> None:
 
 
 def test_record_with_unexpected_lsn_ends_the_log(disk, uuid) -> None:
-    path = write_segment(disk, uuid, 1, rec(1, 1), rec(2, 1), rec(7, 2))
+    write_segment(disk, uuid, 1, rec(1, 1), rec(2, 1), rec(7, 2))
     scan = scan_log(disk, uuid, 0)
     assert lsns(scan) == [1, 2]
     assert scan.end.offset == slot(2) and "has LSN 7, expected 3" in scan.end.reason
