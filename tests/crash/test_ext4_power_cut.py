@@ -175,6 +175,7 @@ class LoopExt4:
 
 @pytest.fixture
 def ext4(tmp_path):
+    need(FUSE_USABLE, "real FUSE tests need root, /dev/fuse and fusermount3")
     fs = LoopExt4(tmp_path)
     try:
         yield fs.create()
@@ -367,7 +368,6 @@ def clean_unmount_then_power_cut(ext4: LoopExt4, mount: Mount, label: str) -> No
 
 @pytest.mark.parametrize("durability", ["fsync", "sync"])
 def test_power_cuts_on_ext4(ext4, tmp_path, durability):
-    need(FUSE_USABLE, "real FUSE tests need root, /dev/fuse and fusermount3")
     log = tmp_path / "razorfs.log"  # on the host: the daemon's disk is the one cut
     mount = Mount(tmp_path, "--durability", durability, "--log-file", str(log),
                   data=ext4.path / "data", path=tmp_path / "mnt")
