@@ -240,6 +240,7 @@ class WriterModel:
     def verify(self, directory: Path, journal: Path, label: str) -> None:
         tries, acked, _ = read_journal(journal)
         self.acked_steps += acked
+        assert directory.is_dir(), f"{label}: {directory}, made durable before round 1, is gone"
         found = found_state(directory)
         problems = []
         for path in sorted(set(found) | set(tries) | set(self.baseline)):
