@@ -7,7 +7,7 @@ journal on the host what each fsync acknowledged (with ``--durability sync``: ev
 returned). At a random moment the ext4 is shut down with EXT4_IOC_SHUTDOWN and
 EXT4_GOING_FLAGS_NOLOGFLUSH, as xfstests' ``godown`` does: from then on ext4 sends nothing more
 to the device and fails every call, and its dirty page cache and the journal transaction it
-had not committed are lost, exactly what a power cut takes. The daemon keeps running into the
+had not committed are lost, as at a power cut. The daemon keeps running into the
 dead disk for a moment (it must acknowledge nothing more), is killed with SIGKILL, the FUSE
 mount detached; the ext4 is unmounted and mounted again (journal replay), ``razorfs fsck`` must
 find the data directory clean, razorfs mounts it (its own recovery), and every writer's files
@@ -20,9 +20,9 @@ reaches the disk by a timer within a round.
 
 Whether the cut is real is checked every round: a canary file written on the ext4 without
 fsync right before the shutdown must be gone after it. The loop device uses direct I/O, so the
-image file's page cache on the host holds nothing of it; what ext4 had sent to the device
-survives, as it would on a disk (one that honours its cache flushes), and what it had not
-sent is lost.
+image file's page cache on the host holds nothing of it. What ext4 had sent to the device
+survives even if no cache flush followed (a disk's volatile cache could lose it: there this
+cut is kinder than a power cut); what it had not sent is lost.
 
     RAZORFS_LONG=1   many more rounds;  RAZORFS_SEED=N   replay the moments and choices of a run
 """
@@ -35,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import FUSE_USABLE, Mount, mounted_at, process_gone
+from tests.fuse.conftest import FUSE_USABLE, Mount, mounted_at
 
 from .powercut_writer import content, stream
 
