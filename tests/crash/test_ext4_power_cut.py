@@ -339,7 +339,10 @@ def power_cut_round(ext4: LoopExt4, mount: Mount, models: list[WriterModel], jou
 
 def clean_unmount_then_power_cut(ext4: LoopExt4, mount: Mount, label: str) -> None:
     """Changes never fsync'd, a clean ``razorfs umount``, the power cut right after: the
-    unmount must have made all of them durable."""
+    unmount must have made all of them durable (the commit interval is long: nothing else
+    commits them)."""
+    mount.unmount()
+    mount.mount("--commit-interval", "600")
     expected = {}
     directory = mount.path / "unmounted"
     directory.mkdir()
@@ -359,6 +362,7 @@ def clean_unmount_then_power_cut(ext4: LoopExt4, mount: Mount, label: str) -> No
     check = mount.fsck()
     assert check.returncode == 0, f"{label}: fsck: {check.stdout}{check.stderr}"
     mount.mount()
+    assert directory.is_dir(), f"{label}: {directory.name}/ lost after a clean unmount"
     got = {path.name: path.read_bytes() for path in directory.iterdir()}
     assert got.keys() == expected.keys(), f"{label}: names after a clean unmount and a power " \
                                           f"cut: {sorted(got)}, expected {sorted(expected)}"
