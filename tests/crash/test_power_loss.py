@@ -5,7 +5,8 @@ renames, links, unlinks, rmdirs, forgets of orphans, xattrs, ACLs and the chmods
 that rewrite or inherit them, fsync points, checkpoints) with a model of the namespace, and
 unmount. A probe between the actors and the SimDisk keeps, for a uniform random
 sample of the mutating storage calls, the disk a power cut just before that call could leave
-(``SimDisk.crash(keep_unsynced=True, tear=True)``: unsynced writes partly applied and torn). Each
+(``SimDisk.crash(keep_unsynced=True, tear=True)``: unsynced writes and directory changes partly
+applied, the last write torn, in the middle too). Each
 image must pass fsck, recover, and hold exactly the model state after the transaction with the
 recovered LSN, which must lie between the last acknowledged fsync point and the request in
 flight; after the clean unmount at the end, it must be the last state. A power cut during that
