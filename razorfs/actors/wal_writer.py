@@ -68,6 +68,8 @@ class WalWriter:
         self._oldest_pending_at = math.inf
         self._waiters: list[tuple[int, ReplySlot | None]] = []
         self._failed: str | None = None
+        # fsyncs: counted at each flush, in the worker threads too (the writer awaits them:
+        # nothing reads the counts meanwhile)
         self._stats = {"batches": 0, "records": 0, "fsyncs": 0, "bytes_since_trim": 0}
         self._handlers = {
             m.Append: self._append,
