@@ -234,15 +234,12 @@ def _mount_in_background(args) -> int:
 
 def _find_mount(mountpoint: str) -> str:
     """The data directory of the razorfs mounted at ``mountpoint``."""
-    from razorfs.daemon import unescape_mount_field as _unescape
+    from razorfs.mounts import mount_at
 
-    target = os.path.abspath(mountpoint)
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            source, point, fstype = line.split()[:3]
-            if _unescape(point) == target and fstype == "fuse.razorfs":
-                return urllib.parse.unquote(_unescape(source))
-    raise UsageError(f"{mountpoint}: no razorfs is mounted there")
+    entry = mount_at(mountpoint)
+    if entry is None or entry.fstype != "fuse.razorfs":
+        raise UsageError(f"{mountpoint}: no razorfs is mounted there")
+    return urllib.parse.unquote(entry.source)
 
 
 def _umount(args) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import re
 import signal
 import socket
 import stat
@@ -34,6 +33,7 @@ from razorfs.actors.system import Handles, Tuning
 from razorfs.datadir import DataDirLock, check_data_dir
 from razorfs.errors import UsageError
 from razorfs.fuse.operations import Operations
+from razorfs.mounts import mount_at
 from razorfs.state.replica import ReplicaHold
 from razorfs.storage.files import FileStorage
 from razorfs.storage.formats import BLOCK_SIZE, FormatError
@@ -96,18 +96,8 @@ def razorfs_mount_source(mountpoint: str) -> str | None:
     """The source (fsname) of the razorfs mounted at ``mountpoint``, or None. Read from
     mountinfo, since a stat() of a dead FUSE mount fails and one of a live mount served by
     this process would be a request to ourselves."""
-    target = os.path.abspath(mountpoint)
-    source = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            separator = fields.index("-")
-            if (unescape_mount_field(fields[4]) == target
-                    and fields[separator + 1] == "fuse.razorfs"):
-                source = unescape_mount_field(fields[separator + 2])  # the topmost one wins
-            elif unescape_mount_field(fields[4]) == target:
-                source = None
-    return source
+    entry = mount_at(mountpoint)
+    return entry.source if entry is not None and entry.fstype == "fuse.razorfs" else None
 
 
 def _dead_mount_of(data_dir: str, mountpoint: str) -> bool:
@@ -343,22 +333,13 @@ async def _tune_readahead(operations: Operations, mountpoint: str) -> None:
     the device comes from mountinfo, as a stat() of the mountpoint would be a request to
     ourselves."""
     await operations.initialized.wait()
-    device = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if unescape_mount_field(fields[4]) == mountpoint:
-                device = fields[2]
+    entry = mount_at(mountpoint)
+    device = entry.device if entry is not None else None
     try:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as control:
             control.write(f"{READAHEAD_KB}\n")
     except OSError as exc:
         log.info("readahead left at the kernel default", device=device, reason=str(exc))
-
-
-def unescape_mount_field(field: str) -> str:
-    """Undo the octal escapes (\\040 for a space...) of /proc/self/mounts and mountinfo."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def _announce_ready(options: MountOptions, data_dir: str, mountpoint: str, handles) -> None:

@@ -34,8 +34,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from razorfs import cli
-from razorfs.daemon import KERNEL_MOUNT_FLAGS, unescape_mount_field
+from razorfs.daemon import KERNEL_MOUNT_FLAGS
 from razorfs.errors import UsageError
+from razorfs.mounts import mount_at
 
 EXIT_MOUNT_FAILED = 32  # mount(8)'s status for "mount failure"
 
@@ -164,18 +165,10 @@ def remount_flags(current: str, request: MountRequest) -> int:
 def _mount_options(mountpoint: str) -> tuple[str, str]:
     """(source, per-mount options) of the razorfs mounted at ``mountpoint``; its source is its
     data directory, percent-encoded."""
-    target = os.path.abspath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            separator = fields.index("-")
-            if unescape_mount_field(fields[4]) == target:
-                found = (fields[separator + 1], unescape_mount_field(fields[separator + 2]),
-                         fields[5])
-    if found is None or found[0] != "fuse.razorfs":
+    entry = mount_at(mountpoint)
+    if entry is None or entry.fstype != "fuse.razorfs":
         raise UsageError(f"{mountpoint}: no razorfs is mounted there")
-    return found[1], found[2]
+    return entry.source, entry.options
 
 
 def remount(mountpoint: str, request: MountRequest) -> int:

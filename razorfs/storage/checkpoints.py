@@ -22,12 +22,8 @@ def read_superblock(storage: Storage) -> Superblock:
 
 def list_checkpoints(storage: Storage) -> list[tuple[int, str]]:
     """(LSN, path) of every checkpoint file, oldest first."""
-    found = []
-    for name in storage.listdir(formats.CHECKPOINT_DIR):
-        lsn = formats.parse_lsn_name(name, ".ckpt")
-        if lsn is not None:
-            found.append((lsn, f"{formats.CHECKPOINT_DIR}/{name}"))
-    return sorted(found)
+    return formats.lsn_named(storage.listdir(formats.CHECKPOINT_DIR), formats.CHECKPOINT_DIR,
+                             ".ckpt")
 
 
 def read_checkpoint(storage: Storage, path: str, uuid: bytes) -> tuple[int, bytes]:

@@ -187,6 +187,17 @@ def parse_lsn_name(name: str, suffix: str) -> int | None:
     return None
 
 
+def lsn_named(names, directory: str, suffix: str) -> list[tuple[int, str]]:
+    """(LSN, path) of the ``names`` of ``directory`` named by an LSN with ``suffix``, in LSN
+    order (WAL segments, checkpoints); other names are not ours and left out."""
+    found = []
+    for name in names:
+        lsn = parse_lsn_name(name, suffix)
+        if lsn is not None:
+            found.append((lsn, f"{directory}/{name}"))
+    return sorted(found)
+
+
 def encode_segment_header(first_lsn: int, uuid: bytes) -> bytes:
     body = _SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, first_lsn, uuid[:4])
     return body + struct.pack("<I", crc(body))

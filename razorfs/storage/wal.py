@@ -39,12 +39,7 @@ class LogScan:
 
 def list_segments(storage: Storage) -> list[tuple[int, str]]:
     """(first LSN, path) of every WAL segment, in LSN order."""
-    found = []
-    for name in storage.listdir(formats.WAL_DIR):
-        lsn = formats.parse_lsn_name(name, ".wal")
-        if lsn is not None:
-            found.append((lsn, f"{formats.WAL_DIR}/{name}"))
-    return sorted(found)
+    return formats.lsn_named(storage.listdir(formats.WAL_DIR), formats.WAL_DIR, ".wal")
 
 
 def scan_log(storage: Storage, uuid: bytes, after_lsn: int, *,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.crash.powercut_writer import write_all
 from tests.fuse.conftest import FUSE_USABLE, Mount
 
 LONG = bool(os.environ.get("RAZORFS_LONG"))
@@ -51,13 +52,6 @@ def version_bytes(writer: int, name: str, version: int) -> bytes:
 @functools.cache
 def log_stream(writer: int, index: int) -> bytes:
     return random.Random(f"log {writer}/{index}").randbytes(LOG_CAP)
-
-
-def write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 class Writer:

@@ -30,6 +30,7 @@ LAYERS = {
     "actors": ["razorfs.actors"],
     "fuse": ["razorfs.fuse"],
     "daemon and cli": ["razorfs.daemon", "razorfs.cli", "razorfs.control", "razorfs.prometheus",
+                       "razorfs.mounts",
                        "razorfs.mount_helper", "razorfs.kernel_mount", "razorfs.__main__",
                        "razorfs"],
 }
