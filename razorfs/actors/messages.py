@@ -227,7 +227,8 @@ class SpaceStats:
 @record_type
 class Append:
     """One transaction's redo operations (already encoded), to be logged as record ``lsn``.
-    Tell."""
+    Tell, into the WAL writer's log inbox, which wakes nobody: the writer takes what is there
+    when it commits."""
 
     TAG: ClassVar[int] = 40
     lsn: int
@@ -255,6 +256,13 @@ class WalStats:
     """Reply: LogStatus."""
 
     TAG: ClassVar[int] = 43
+
+
+@record_type
+class TakeRecords:
+    """The log inbox is full: take the records waiting in it now. Tell."""
+
+    TAG: ClassVar[int] = 44
 
 
 # ---- to the recovery coordinator ----
@@ -405,7 +413,7 @@ MESSAGES = (
     SetAttr, MakeNode, Remove, Rename, Link, SetXattr, RemoveXattr, CommitWrite, Forget,
     Accessed, EnterFailsafe, TreeStats, BeginSnapshot, SnapshotChunk, AbortSnapshot,
     Allocate, Release, FreeAfter, SpaceStats,
-    Append, WaitDurable, TrimLog, WalStats,
+    Append, WaitDurable, TrimLog, WalStats, TakeRecords,
     Checkpoint, CheckpointStats, ReplicaStats,
     Done, Changed, Committed, TreeStatus, Extents, SpaceStatus, Durable, LogStatus,
     SnapshotStarted, SnapshotPiece, CheckpointTaken, CheckpointCounts, ReplicaStatus, Failed,

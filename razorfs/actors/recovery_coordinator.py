@@ -71,12 +71,13 @@ class RecoveryCoordinator:
                 (p for p, *_ in recovered.state.used_blocks()), held), blocks.block_count())
             tree, tree_inbox = open_mailbox()
             wal, wal_inbox = open_mailbox()
+            log_mailbox, log_inbox = open_mailbox()
             allocator, allocator_inbox = open_mailbox()
             status = WalStatus()
             # Built before the allocator starts: its constructor publishes the durable LSN,
             # which the allocator reads.
             wal_writer = WalWriter(
-                wal_inbox, self._storage, self._uuid, blocks,
+                wal_inbox, log_inbox, self._storage, self._uuid, blocks,
                 next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
                 commit_interval=self._tuning.commit_interval, status=status,
                 segment_bytes=self._tuning.segment_bytes, replica_hold=hold)
@@ -88,7 +89,7 @@ class RecoveryCoordinator:
                 await nursery.start(wal_writer.run)
                 tree_manager = TreeManager(
                     tree_inbox, recovered.state, last_lsn=recovered.last_lsn, wal=wal.clone(),
-                    wal_status=status, allocator=allocator.clone())
+                    log=log_mailbox, wal_status=status, allocator=allocator.clone())
                 await nursery.start(tree_manager.run)
                 task_status.started(Handles(tree.clone(), tree_manager.queries, wal.clone(),
                                             allocator.clone(), blocks, status, recovered))

@@ -169,12 +169,13 @@ def check_xattr_name(name: bytes) -> None:
 
 class TreeManager:
     def __init__(self, inbox: trio.MemoryReceiveChannel, state: TreeState, *, last_lsn: int,
-                 wal: Mailbox, wal_status: WalStatus, allocator: Mailbox,
+                 wal: Mailbox, log: Mailbox, wal_status: WalStatus, allocator: Mailbox,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self._inbox = inbox
         self._state = state
         self._last_lsn = last_lsn
         self._wal = wal
+        self._log = log  # the WAL writer's log inbox: records, taken at its next commit
         self._wal_status = wal_status
         self._allocator = allocator
         self._clock = clock
@@ -206,6 +207,7 @@ class TreeManager:
                     await dispatch(envelope, self._handlers, "tree")
         finally:
             # Closing our side of the WAL and allocator inboxes tells them to finish.
+            await self._log.aclose()
             await self._wal.aclose()
             await self._allocator.aclose()
 
@@ -244,7 +246,10 @@ class TreeManager:
             log.exception("failsafe: transaction failed to apply", ops=[type(o).__name__ for o in ops])
             raise FsError(errno.EIO, self._failsafe) from None
         self._last_lsn += 1
-        await self._wal.tell(m.Append(self._last_lsn, redo.encode_ops(ops)))
+        record = m.Append(self._last_lsn, redo.encode_ops(ops))
+        if not self._log.tell_nowait(record):
+            await self._wal.tell(m.TakeRecords())  # a full log inbox: the writer empties it now
+            await self._log.tell(record)
         if freed:
             await self._allocator.tell(m.FreeAfter(tuple(freed), self._last_lsn))
         return self._last_lsn
