@@ -62,9 +62,9 @@ import sys
 import threading
 import time
 
-import run as bench  # bench/run.py: log, RazorMount, machine_info, razorfs_version
+import common
 
-DEFAULT_JSON = os.path.join(bench.BENCH_DIR, "results", "scale.json")
+DEFAULT_JSON = os.path.join(common.BENCH_DIR, "results", "scale.json")
 DEFAULT_WORKDIR = "/var/tmp/razorfs-scale"
 MILESTONES = (1_000, 10_000, 100_000, 1_000_000)
 # phase B never checkpoints
@@ -72,32 +72,10 @@ NEVER_CHECKPOINT = ("--checkpoint-bytes", str(1 << 50), "--checkpoint-records", 
 CREATE_TASK = 250  # files per creation task
 WAL_TASK_FILES, WAL_TASK_REPEATS = 500, 20  # one utime task: 500 open files x 20 rounds
 
-log = bench.log
+log = common.log
 
 
 # ---------------------------------------------------------------- helpers
-
-def drop_dentries() -> None:
-    """Drop the kernel's dentry and inode caches: the next lookup of every name of the mount
-    is a FUSE request (the kernel FORGETs what it dropped)."""
-    with open("/proc/sys/vm/drop_caches", "w") as control:
-        control.write("2\n")
-
-
-def settle(mount, quiet: float = 0.005, interval: float = 0.1, limit: float = 60.0) -> float:
-    """Wait until the daemon is idle (under ``quiet`` CPU seconds per ``interval``): after a
-    drop of the dentry cache the kernel sends FORGETs for every inode it dropped, which the
-    daemon works through for a while (seconds with a million). The time waited."""
-    started = time.perf_counter()
-    before = mount.daemon_cpu_seconds()
-    while time.perf_counter() - started < limit:
-        time.sleep(interval)
-        now = mount.daemon_cpu_seconds()
-        if now is None or before is None or now[0] - before[0] < quiet:
-            break
-        before = now
-    return time.perf_counter() - started
-
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
@@ -210,8 +188,8 @@ def run_pool(workers: int, function, tasks: list, total: int, what: str,
     return time.perf_counter() - started
 
 
-class ScaleMount(bench.RazorMount):
-    """bench/run.py's RazorMount (stats, daemon pid and CPU, log problems) driven phase by phase:
+class ScaleMount(common.Razorfs):
+    """common.Razorfs (stats, daemon pid and CPU, log problems) driven phase by phase:
     timed mount and umount, kill -9, RSS, daemon log events."""
 
     def __init__(self, workdir: str) -> None:
@@ -380,14 +358,14 @@ def event_epoch(event: dict) -> float:
 def stat_sample(mount: ScaleMount, layout: Layout, existing: int, samples: int,
                 rng: random.Random) -> dict:
     """Cold os.stat latency of ``samples`` random files among the first ``existing``."""
-    settled = settle(mount)  # e.g. the last creates' commit
+    settled = common.settle(mount.pid)  # e.g. the last creates' commit
     before = mount.stats_retry()
     latencies: list[float] = []
     while len(latencies) < samples:
         chosen = rng.sample(range(existing), min(existing, samples - len(latencies)))
         paths = [layout.path(g) for g in chosen]
-        drop_dentries()
-        settled += settle(mount)
+        common.drop_caches(2)
+        settled += common.settle(mount.pid)
         for path in paths:
             started = time.perf_counter()
             os.stat(path)
@@ -440,8 +418,8 @@ def phase_walk_and_rss(mount: ScaleMount, layout: Layout, args, results: dict) -
     big = os.path.join(layout.root, "big")
     if layout.big:
         for function in ("listdir", "scandir"):
-            drop_dentries()
-            settle(mount)
+            common.drop_caches(2)
+            common.settle(mount.pid)
             started = time.perf_counter()
             if function == "listdir":
                 entries = len(os.listdir(big))
@@ -453,8 +431,8 @@ def phase_walk_and_rss(mount: ScaleMount, layout: Layout, args, results: dict) -
             log(f"  cold os.{function} of big/ ({entries:,} entries): {seconds:.2f} s")
     results["rss_after_mount"] = mount.rss_bytes()
     log(f"  stat walk of every file ({args.workers} processes)")
-    drop_dentries()
-    settle(mount)
+    common.drop_caches(2)
+    common.settle(mount.pid)
     directories = layout.directories()
     directories.sort(key=lambda d: not d.endswith("/big"))  # the long one first
     seconds = run_pool(args.workers, _stat_directory, directories, layout.files, "stat'ed")
@@ -511,8 +489,8 @@ def phase_stall(mount: ScaleMount, layout: Layout, args, rng: random.Random,
             os.stat(path)
             timeline.append((wall, time.perf_counter() - started))
 
-    drop_dentries()
-    settle(mount)
+    common.drop_caches(2)
+    common.settle(mount.pid)
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
@@ -738,7 +716,7 @@ def format_rows(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------- main
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=1_000_000, help="files to create (N)")
@@ -764,102 +742,70 @@ def main() -> int:
         raise SystemExit("scale: run as root (FUSE mounts, /proc/sys/vm/drop_caches)")
     if args.files < 2:
         raise SystemExit("scale: --files must be at least 2")
-    big = min(100_000, args.files // 2) if args.big_dir is None else args.big_dir
-    os.makedirs(args.workdir, exist_ok=True)
-    workdir = os.path.join(args.workdir, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.makedirs(workdir)
-    machine = bench.machine_info(workdir)
-    version = bench.razorfs_version()
-    if machine["df_T"][1:] and machine["df_T"][1] in ("tmpfs", "fuse", "nfs", "nfs4", "overlay"):
-        log(f"WARNING: {workdir} is on {machine['df_T'][1]}, not a local disk")
+    args.big = min(100_000, args.files // 2) if args.big_dir is None else args.big_dir
+    return args
+
+
+def run_phases(mount: ScaleMount, layout: Layout, args, results: dict, phase) -> None:
+    """Phases A, B and C (the module's docstring); ``phase(name)`` marks each start."""
+    rng = random.Random(args.seed)
+    phase("A: mkfs, mount, create")
+    mount.mkfs()
+    results["mount_empty"] = mount.recovery(mount.mount())
+    os.stat(mount.path)
+    time.sleep(0.5)
+    results["rss_empty"] = mount.rss_bytes()
+    results["inodes_empty"] = mount.stats_retry()["inodes"]
+    phase_create(mount, layout, args, rng, results)
+    stats = mount.wait_durable()
+    results["stats_after_create"] = {"wal": stats["wal"], "checkpoints": stats["checkpoints"],
+                                     "inodes": stats["inodes"]}
+    results["checkpoints_during_create"] = [
+        {k: e.get(k) for k in ("lsn", "bytes", "seconds")}
+        for e in mount.events("checkpoint")]
+    log(f"  {len(results['checkpoints_during_create'])} checkpoints during the creation")
+    results["umount_after_create"] = mount.umount()
+    log(f"  umount: {results['umount_after_create']:.2f} s")
+
+    phase("B: clean mount, listing, stat walk, RSS, WAL records, kill -9")
+    clean = mount.recovery(mount.mount(*NEVER_CHECKPOINT))
+    results["mount_clean"] = clean
+    log(f"  mount: {clean['seconds']:.2f} s (daemon start to recovered "
+        f"{clean['daemon_start_to_recovered']} s, {clean['inodes']} inodes, replayed "
+        f"{clean['replayed']} records)")
+    sample = stat_sample(mount, layout, args.files, args.samples, rng)
+    results["stat_latency_remounted"] = sample
+    log(f"  stat at {count(args.files)} files after the remount: p50 "
+        f"{sample['p50_ms']:.3f} ms, p99 {sample['p99_ms']:.3f} ms, max "
+        f"{sample['max_ms']:.1f} ms")
+    phase_walk_and_rss(mount, layout, args, results)
+    phase_wal(mount, layout, args, results)
+    mount.kill9()
+    log("  daemon killed with SIGKILL, dead mount detached")
+
+    phase("C: mount after kill -9 (replay), checkpoint stall")
+    replay = mount.recovery(mount.mount("--checkpoint-bytes", "1"))
+    results["mount_replay"] = replay
+    results["rss_after_replay"] = mount.rss_bytes()
+    log(f"  mount: {replay['seconds']:.2f} s (daemon start to recovered "
+        f"{replay['daemon_start_to_recovered']} s), replayed {replay['replayed']:,} WAL "
+        f"records")
+    phase_stall(mount, layout, args, rng, results)
+    results["umount_final"] = mount.umount()
+    log(f"  umount: {results['umount_final']:.2f} s")
+
+
+def publish(args, context: dict, results: dict, error: str | None) -> None:
+    """The table (and the extrapolation of a 100k-1M run) on stdout, everything in --json."""
+    version, machine = context["razorfs"], context["machine"]
     changed = (f" + {len(version['changed_files'])} changed file(s)"
                if version["changed_files"] else "")
-    log(f"razorfs {version['commit']}{changed}; {args.files:,} files ({big:,} in big/), "
-        f"{args.wal_records:,} WAL records, in {workdir} ({' '.join(machine['df_T'])}, "
-        f"{machine['nproc']} CPUs)")
-    rng = random.Random(args.seed)
-    mount = ScaleMount(workdir)
-    layout = Layout(mount.path, args.files, args.per_dir, big)
-    results: dict = {}
-    phase_seconds: dict[str, float] = {}
-    loadavg: dict[str, float] = {}  # 1-min load average as each phase starts (other work)
-    error = None
-    started = time.time()
-
-    def phase(name: str):
-        phase_seconds[name] = time.time()
-        loadavg[name] = os.getloadavg()[0]
-        log(f"phase {name} (load average {loadavg[name]:.1f})")
-
-    try:
-        phase("A: mkfs, mount, create")
-        mount.mkfs()
-        results["mount_empty"] = mount.recovery(mount.mount())
-        os.stat(mount.path)
-        time.sleep(0.5)
-        results["rss_empty"] = mount.rss_bytes()
-        results["inodes_empty"] = mount.stats_retry()["inodes"]
-        phase_create(mount, layout, args, rng, results)
-        stats = mount.wait_durable()
-        results["stats_after_create"] = {"wal": stats["wal"], "checkpoints": stats["checkpoints"],
-                                         "inodes": stats["inodes"]}
-        results["checkpoints_during_create"] = [
-            {k: e.get(k) for k in ("lsn", "bytes", "seconds")}
-            for e in mount.events("checkpoint")]
-        log(f"  {len(results['checkpoints_during_create'])} checkpoints during the creation")
-        results["umount_after_create"] = mount.umount()
-        log(f"  umount: {results['umount_after_create']:.2f} s")
-
-        phase("B: clean mount, listing, stat walk, RSS, WAL records, kill -9")
-        clean = mount.recovery(mount.mount(*NEVER_CHECKPOINT))
-        results["mount_clean"] = clean
-        log(f"  mount: {clean['seconds']:.2f} s (daemon start to recovered "
-            f"{clean['daemon_start_to_recovered']} s, {clean['inodes']} inodes, replayed "
-            f"{clean['replayed']} records)")
-        sample = stat_sample(mount, layout, args.files, args.samples, rng)
-        results["stat_latency_remounted"] = sample
-        log(f"  stat at {count(args.files)} files after the remount: p50 "
-            f"{sample['p50_ms']:.3f} ms, p99 {sample['p99_ms']:.3f} ms, max "
-            f"{sample['max_ms']:.1f} ms")
-        phase_walk_and_rss(mount, layout, args, results)
-        phase_wal(mount, layout, args, results)
-        mount.kill9()
-        log("  daemon killed with SIGKILL, dead mount detached")
-
-        phase("C: mount after kill -9 (replay), checkpoint stall")
-        replay = mount.recovery(mount.mount("--checkpoint-bytes", "1"))
-        results["mount_replay"] = replay
-        results["rss_after_replay"] = mount.rss_bytes()
-        log(f"  mount: {replay['seconds']:.2f} s (daemon start to recovered "
-            f"{replay['daemon_start_to_recovered']} s), replayed {replay['replayed']:,} WAL "
-            f"records")
-        phase_stall(mount, layout, args, rng, results)
-        results["umount_final"] = mount.umount()
-        log(f"  umount: {results['umount_final']:.2f} s")
-    # Any failure, or Ctrl-C: report what was measured, then clean up below.
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-        error = f"{type(exc).__name__}: {exc}"
-        log(f"FAILED: {error}")
-    finally:
-        try:
-            mount.cleanup()
-        finally:
-            results["daemon_log_problems"] = (mount._log_problems()
-                                              if os.path.exists(mount.log_path) else [])
-            if not args.keep:
-                shutil.rmtree(workdir, ignore_errors=True)
-    elapsed = time.time() - started
-    names = list(phase_seconds)
-    phase_seconds = {name: round((phase_seconds[names[i + 1]] if i + 1 < len(names)
-                                  else started + elapsed) - phase_seconds[name], 1)
-                     for i, name in enumerate(names)}
-
     rows = build_rows(results, args.files)
     print(f"razorfs {version['commit']}{changed}, scale probe: {args.files:,} files "
-          f"({big:,} in big/), {args.workers} processes, {' '.join(machine['df_T'])}, "
-          f"{machine['nproc']} CPUs, kernel {machine['kernel']}; {elapsed / 60:.1f} min; "
-          f"load average at each phase: "
-          f"{', '.join(f'{value:.1f}' for value in loadavg.values())}")
+          f"({args.big:,} in big/), {args.workers} processes, {' '.join(machine['df_T'])}, "
+          f"{machine['nproc']} CPUs, kernel {machine['kernel']}; "
+          f"{context['elapsed_seconds'] / 60:.1f} min; load average at each phase: "
+          f"{', '.join(f'{value:.1f}' for value in context['loadavg'].values())}")
     print(format_rows(rows))
     print("(cold: dentry cache dropped, every stat a FUSE lookup; RSS = VmRSS of the daemon "
           "after a stat walk minus an empty mount's; \"(at X)\": measured below the target's "
@@ -879,16 +825,58 @@ def main() -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
-            json.dump({"command": sys.argv, "files": args.files, "big_dir": big,
+            json.dump({**context, "files": args.files, "big_dir": args.big,
                        "per_dir": args.per_dir, "workers": args.workers,
                        "wal_records": args.wal_records, "samples": args.samples,
-                       "razorfs": version, "razorfs_at_end": bench.razorfs_version(),
-                       "machine": machine,
-                       "elapsed_seconds": round(elapsed, 1), "phase_seconds": phase_seconds,
-                       "loadavg": loadavg,
-                       "rows": rows, "extrapolated_to_1M": extrapolated,
-                       "results": results, "error": error}, out, indent=1)
+                       "razorfs_at_end": common.razorfs_version(), "rows": rows,
+                       "extrapolated_to_1M": extrapolated, "results": results,
+                       "error": error}, out, indent=1)
         print(f"results: {args.json}")
+
+
+def main() -> int:
+    args = arguments()
+    os.makedirs(args.workdir, exist_ok=True)
+    workdir = os.path.join(args.workdir, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.makedirs(workdir)
+    context = {"command": sys.argv, "razorfs": common.razorfs_version(),
+               "machine": common.machine_info(workdir), "loadavg": {}}
+    filesystem = context["machine"]["df_T"][1:]
+    if filesystem and filesystem[0] in ("tmpfs", "fuse", "nfs", "nfs4", "overlay"):
+        log(f"WARNING: {workdir} is on {filesystem[0]}, not a local disk")
+    log(f"razorfs {context['razorfs']['commit']}; {args.files:,} files ({args.big:,} in big/), "
+        f"{args.wal_records:,} WAL records, in {workdir}")
+    mount = ScaleMount(workdir)
+    layout = Layout(mount.path, args.files, args.per_dir, args.big)
+    results: dict = {}
+    phase_started: dict[str, float] = {}
+    error = None
+    started = time.time()
+
+    def phase(name: str) -> None:
+        phase_started[name] = time.time()
+        context["loadavg"][name] = os.getloadavg()[0]  # other work on the machine
+        log(f"phase {name} (load average {context['loadavg'][name]:.1f})")
+
+    try:
+        run_phases(mount, layout, args, results, phase)
+    # Any failure, or Ctrl-C: report what was measured, then clean up below.
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        error = f"{type(exc).__name__}: {exc}"
+        log(f"FAILED: {error}")
+    finally:
+        try:
+            mount.cleanup()
+        finally:
+            results["daemon_log_problems"] = (mount._log_problems()
+                                              if os.path.exists(mount.log_path) else [])
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+    context["elapsed_seconds"] = round(time.time() - started, 1)
+    ends = list(phase_started.values())[1:] + [time.time()]
+    context["phase_seconds"] = {name: round(end - begun, 1) for (name, begun), end
+                                in zip(phase_started.items(), ends)}
+    publish(args, context, results, error)
     return 1 if error else 0
 
 

@@ -17,16 +17,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import drop_caches  # noqa: E402
 from tests.service.harness import PROJECT, SystemdBox, service_venv  # noqa: E402
 
 SIZE = 512 << 20
 CHUNK = 1 << 20
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as control:
-        control.write("3\n")
 
 
 def write_rate(path: Path) -> float:

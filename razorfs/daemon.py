@@ -1,9 +1,10 @@
 """The mount daemon: lock the data directory, recover, mount, serve, and shut down cleanly.
 
 Start-up order: lock → recovery coordinator (which recovers, then starts allocator, WAL writer
-and tree manager) → pyfuse3 mount → "ready". Shutdown (unmount, SIGTERM or SIGINT): the FUSE
-loop ends, the FUSE layer's mailboxes close, the coordinator takes a final checkpoint and closes
-the tree manager, which closes the WAL writer (final commit), which closes the allocator.
+and tree manager) → mount (``kernel_mount``, served by pyfuse3) → "ready". Shutdown (unmount,
+SIGTERM or SIGINT): the FUSE loop ends, the FUSE layer's mailboxes close, the coordinator takes
+a final checkpoint and closes the tree manager, which closes the WAL writer (final commit),
+which closes the allocator.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pyfuse3
 import structlog
 import trio
 
-from razorfs import control, prometheus
+from razorfs import control, kernel_mount, prometheus
 from razorfs import log as razorfs_log
 from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, open_mailbox
@@ -266,7 +267,14 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mail
         return {"read_only": operations.read_only, "noatime": operations.noatime}
 
     try:
-        pyfuse3.init(operations, mountpoint, fuse_options)
+        kernel = kernel_mount.mount(mountpoint, fuse_options)
+        try:
+            pyfuse3.init(operations, mountpoint if kernel is None else kernel.session_path,
+                         fuse_options)
+        except BaseException:
+            if kernel is not None:
+                kernel.abandon()
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, options, log_stream)
@@ -285,7 +293,10 @@ async def _mount_and_serve(handles: Handles, coordinator: Mailbox, replica: Mail
                 nursery.cancel_scope.cancel()
         finally:
             notify_systemd("STOPPING=1")
-            pyfuse3.close(unmount=True)
+            ours = kernel is not None and kernel.connected()
+            pyfuse3.close(unmount=True)  # closes the descriptor; unmounts what libfuse mounted
+            if ours:
+                kernel.detach()
             log.info("unmounted; committing and checkpointing", mountpoint=mountpoint)
     finally:
         await operations.close_mailboxes()

@@ -76,6 +76,9 @@ def check(storage: Storage, *, verify_data: bool = True, progress=None) -> Repor
         return report
     for reason in recovered.skipped_checkpoints:
         report.problems.append(f"damaged checkpoint (an older one was usable): {reason}")
+    if recovered.epochs_damage:
+        report.problems.append(f"{recovered.epochs_damage} (rewritten at the next mount or "
+                               "repair: file handles made before then answer ESTALE)")
     _check_state(storage, recovered, report, verify_data, progress)
     return report
 
@@ -110,6 +113,9 @@ def repair(storage: Storage, *, verify_data: bool = True, progress=None) -> Repo
                               "discarded")
     for path in recovered.damaged_checkpoints:
         report.repairs.append(f"damaged checkpoint {path} set aside as {path}.damaged")
+    if recovered.epochs_damage:
+        report.repairs.append(f"{recovered.epochs_damage}: rewritten, file handles made "
+                              "before answer ESTALE")
     _check_state(storage, recovered, report, verify_data, progress)
     if report.fixes:
         state = recovered.state

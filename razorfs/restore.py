@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 from razorfs.errors import UsageError
 from razorfs.state import redo, snapshot
+from razorfs.state.generations import Generations
 from razorfs.state.replica import mapped_blocks
 from razorfs.storage import formats
 from razorfs.storage import replica_formats as rf
+from razorfs.storage.checkpoints import write_epochs
 from razorfs.storage.files import FileStorage
 from razorfs.storage.formats import BLOCK_SIZE, FormatError, Superblock
 from razorfs.storage.objectstore import MissingObject, ObjectStore, ObjectStoreError, ReplicaURL
@@ -234,6 +236,9 @@ def _build(store: ObjectStore, uuid: bytes, span: Range, to_lsn: int, storage: F
     storage.write_file_atomically(
         formats.checkpoint_name(to_lsn),
         [formats.checkpoint_header(to_lsn, uuid, [body := snapshot.encode(state)]), body])
+    # Inode numbers given after the restored moment will be given again: every handle made
+    # before the restore must answer ESTALE rather than reach another file (generations.py).
+    write_epochs(storage, uuid, Generations.after_damage(time.time_ns() // 10**9).entries)
     storage.write_file_atomically(formats.SUPERBLOCK_PATH, Superblock(
         formats.FORMAT_VERSION, BLOCK_SIZE, uuid, time.time_ns()).encode())
     return Restored(to_lsn, span.base, len(chunks), len(state.inodes), count, 0, 0.0)

@@ -54,7 +54,8 @@ class SetAttr:
 
 @record_type
 class MakeNode:
-    """Create a file, directory, symlink (``target``), fifo, socket or device. Reply: Changed."""
+    """Create a file, directory, symlink (``target``), fifo, socket or device. ``umask`` is the
+    caller's: applied unless the parent has a default ACL. Reply: Changed."""
 
     TAG: ClassVar[int] = 11
     parent: int
@@ -64,6 +65,7 @@ class MakeNode:
     uid: int
     gid: int
     target: bytes = b""
+    umask: int = 0
 
 
 @record_type
@@ -100,12 +102,14 @@ class Link:
 
 @record_type
 class SetXattr:
-    """Reply: Committed."""
+    """``keep_setgid``: the caller is in the file's group or privileged, so that an access ACL
+    changing the mode leaves S_ISGID (posix_acl_update_mode). Reply: Committed."""
 
     TAG: ClassVar[int] = 15
     ino: int
     name: bytes
     value: bytes
+    keep_setgid: bool = True
 
 
 @record_type

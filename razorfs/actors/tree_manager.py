@@ -22,8 +22,9 @@ from razorfs.actors import messages as m
 from razorfs.actors.mailbox import Mailbox, dispatch
 from razorfs.actors.wal_writer import WalStatus
 from razorfs.errors import FsError, NoSuchEntry
-from razorfs.state import redo, snapshot
-from razorfs.state.tree import ROOT_INO, Attr, Inode, TreeState
+from razorfs.state import acl, redo, snapshot
+from razorfs.state.tree import (
+    DOT_COOKIE, DOTDOT_COOKIE, ROOT_INO, Attr, Inode, TreeState, clamp_time_ns)
 from razorfs.storage.formats import BLOCK_SIZE
 
 log = structlog.get_logger("razorfs.tree")
@@ -36,6 +37,9 @@ XATTR_TOTAL_MAX = 1 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
 RELATIME_PERIOD_NS = 24 * 3600 * 10**9
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# What listxattr can return at most (the kernel's XATTR_LIST_MAX): names beyond it could be set
+# but never listed again.
+XATTR_LIST_MAX = 65536
 
 
 def _check_name(name: bytes) -> None:
@@ -82,13 +86,16 @@ class TreeQueries:
         return self._state.inodes[ino]
 
     def lookup(self, parent_ino: int, name: bytes) -> Attr:
-        parent = self.directory(parent_ino)
         if name == b".":
-            inode = parent
+            # The kernel asks "." of any inode's number (a directory's or not) to open a file
+            # handle whose inode it no longer holds; one removed since answers ESTALE.
+            inode = self.inode(parent_ino)
+            if inode.nlink == 0:
+                raise FsError(errno.ENOENT, f"inode {parent_ino} was removed")
         elif name == b"..":
-            inode = self.inode(parent.parent)
+            inode = self.inode(self.directory(parent_ino).parent)
         else:
-            inode = self.child(parent, name)
+            inode = self.child(self.directory(parent_ino), name)
         inode.lookups += 1
         return inode.attr()
 
@@ -113,6 +120,13 @@ class TreeQueries:
             child.lookups += 1
             result.append((name, cookie, child.attr()))
         return tuple(result)
+
+    def dot_entries(self, ino: int) -> tuple:
+        """(name, cookie, attr) of directory ``ino``'s "." and "..". Not counted as lookups:
+        the kernel takes no reference for them (fs/fuse/readdir.c, fuse_direntplus_link)."""
+        directory = self.directory(ino)
+        parent = self._state.inodes.get(directory.parent, directory)  # gone: removed, unlisted
+        return ((b".", DOT_COOKIE, directory.attr()), (b"..", DOTDOT_COOKIE, parent.attr()))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         xattrs = self.inode(ino).xattrs or {}
@@ -161,6 +175,8 @@ class TreeQueries:
 def check_xattr_name(name: bytes) -> None:
     if len(name) > XATTR_NAME_MAX:
         raise FsError(errno.ERANGE, "attribute name too long")
+    if name in acl.NAMES:
+        return
     if not name.startswith(XATTR_NAMESPACES):
         raise FsError(errno.EOPNOTSUPP, "unsupported attribute namespace")
     if name in XATTR_NAMESPACES:
@@ -178,7 +194,7 @@ class TreeManager:
         self._log = log  # the WAL writer's log inbox: records, taken at its next commit
         self._wal_status = wal_status
         self._allocator = allocator
-        self._clock = clock
+        self._clock = lambda: clamp_time_ns(clock())  # a clock past 2446 stamps as ext4 would
         self._failsafe: str | None = None
         self.queries = TreeQueries(state, lambda: self._last_lsn, clock)
         self._handlers = {
@@ -236,6 +252,8 @@ class TreeManager:
             raise FsError(errno.EROFS, f"read-only (failsafe): {self._failsafe}")
         if not ops:
             return 0
+        # Encoded before it is applied: a value the log cannot hold must not change the state.
+        payload = redo.encode_ops(ops)
         freed: list[int] = []
         try:
             for op in ops:
@@ -246,7 +264,7 @@ class TreeManager:
             log.exception("failsafe: transaction failed to apply", ops=[type(o).__name__ for o in ops])
             raise FsError(errno.EIO, self._failsafe) from None
         self._last_lsn += 1
-        record = m.Append(self._last_lsn, redo.encode_ops(ops))
+        record = m.Append(self._last_lsn, payload)
         if not self._log.tell_nowait(record):
             await self._wal.tell(m.TakeRecords())  # a full log inbox: the writer empties it now
             await self._log.tell(record)
@@ -313,6 +331,11 @@ class TreeManager:
         ops: list = []
         if msg.mode is not None:
             changes["mode"] = stat.S_IFMT(inode.mode) | stat.S_IMODE(msg.mode)
+            access = (inode.xattrs or {}).get(acl.ACCESS)
+            if access is not None:  # posix_acl_chmod
+                changed = acl.encode(acl.chmod(acl.decode(access), msg.mode))
+                if changed != access:
+                    ops.append(redo.PutXattr(inode.ino, acl.ACCESS, changed))
         if msg.uid is not None:
             changes["uid"] = msg.uid
         if msg.gid is not None:
@@ -332,9 +355,9 @@ class TreeManager:
             changes["size"] = msg.size
             changes["mtime_ns"] = now
         if msg.atime_ns is not None:
-            changes["atime_ns"] = msg.atime_ns
+            changes["atime_ns"] = clamp_time_ns(msg.atime_ns)
         if msg.mtime_ns is not None:
-            changes["mtime_ns"] = msg.mtime_ns
+            changes["mtime_ns"] = clamp_time_ns(msg.mtime_ns)
         ops.append(inode.put_op(**changes))
         lsn = await self._commit(ops)
         return m.Changed(inode.attr(), lsn)
@@ -359,10 +382,22 @@ class TreeManager:
             if kind == stat.S_IFDIR:
                 mode |= stat.S_ISGID
         is_dir = kind == stat.S_IFDIR
+        inherited = []
+        default = (parent.xattrs or {}).get(acl.DEFAULT)
+        if kind != stat.S_IFLNK:  # a symlink is 0777 whatever the umask or the ACLs
+            if default is None:
+                mode &= ~(msg.umask & 0o777)
+            else:  # posix_acl_create: the default ACL replaces the umask
+                mode, access = acl.inherit(acl.decode(default), mode)
+                if access is not None:
+                    inherited.append(redo.PutXattr(ino, acl.ACCESS, acl.encode(access)))
+                if is_dir:
+                    inherited.append(redo.PutXattr(ino, acl.DEFAULT, default))
         ops = [
             redo.PutInode(ino, mode, 2 if is_dir else 1, msg.uid, gid,
                        msg.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0,
                        len(msg.target) if kind == stat.S_IFLNK else 0, now, now, now),
+            *inherited,
         ]
         if kind == stat.S_IFLNK:
             ops.append(redo.PutTarget(ino, msg.target))
@@ -510,6 +545,8 @@ class TreeManager:
         check_xattr_name(msg.name)
         if len(msg.value) > XATTR_VALUE_MAX:
             raise FsError(errno.E2BIG, "attribute value too large")
+        if msg.name in acl.NAMES:
+            return m.Committed(await self._commit(self._set_acl(inode, msg)))
         xattrs = inode.xattrs or {}
         if xattrs.get(msg.name) == msg.value:
             # As ext4: storing the value an attribute already has changes nothing, not even
@@ -518,13 +555,54 @@ class TreeManager:
         total = sum(len(k) + len(v) for k, v in xattrs.items() if k != msg.name)
         if total + len(msg.name) + len(msg.value) > XATTR_TOTAL_MAX:
             raise FsError(errno.ENOSPC, "no space left for extended attributes")
+        if msg.name not in xattrs and sum(map(len, xattrs)) + len(xattrs) + len(msg.name) + 1 \
+                > XATTR_LIST_MAX:
+            raise FsError(errno.ENOSPC, "the attribute names would not fit in a listxattr")
         ops = [redo.PutXattr(inode.ino, msg.name, msg.value),
                inode.put_op(ctime_ns=self._clock())]
         return m.Committed(await self._commit(ops))
 
+    def _set_acl(self, inode: Inode, msg: m.SetXattr) -> list:
+        """The operations of setting (or, for an empty value, removing) an ACL, as ext4 does
+        (ext4_set_acl): an access ACL sets the mode's permission bits and is kept only if the
+        mode cannot say it all; setting what is already there changes nothing."""
+        if stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EOPNOTSUPP, "symlinks have no ACLs")
+        entries = acl.decode(msg.value)
+        if msg.name == acl.DEFAULT and not inode.is_dir:
+            if entries is not None:
+                raise FsError(errno.EACCES, "only directories have a default ACL")
+            return []
+        current = (inode.xattrs or {}).get(msg.name)
+        mode = inode.mode
+        if entries is not None and msg.name == acl.ACCESS:
+            mode, equivalent = acl.mode_of(entries, mode)
+            if equivalent:
+                entries = None
+            if not msg.keep_setgid:
+                mode &= ~stat.S_ISGID
+        value = None if entries is None else acl.encode(entries)
+        ops: list = []
+        if value is not None and value != current:
+            ops.append(redo.PutXattr(inode.ino, msg.name, value))
+        elif value is None and current is not None:
+            ops.append(redo.DropXattr(inode.ino, msg.name))
+        if value is not None:
+            others = sum(len(k) + len(v) for k, v in (inode.xattrs or {}).items()
+                         if k != msg.name)
+            if others + len(msg.name) + len(value) > XATTR_TOTAL_MAX:
+                raise FsError(errno.ENOSPC, "no space left for extended attributes")
+        if ops or mode != inode.mode:
+            ops.append(inode.put_op(mode=mode, ctime_ns=self._clock()))
+        return ops
+
     async def _removexattr(self, msg: m.RemoveXattr):
         inode = self._inode(msg.ino)
         check_xattr_name(msg.name)
+        if msg.name in acl.NAMES:
+            # As ext4: removing an ACL that is not there succeeds (and changes nothing).
+            return m.Committed(await self._commit(self._set_acl(inode, m.SetXattr(
+                inode.ino, msg.name, b""))))
         if msg.name not in (inode.xattrs or {}):
             raise FsError(pyfuse3.ENOATTR, "no such attribute")
         ops = [redo.DropXattr(inode.ino, msg.name), inode.put_op(ctime_ns=self._clock())]

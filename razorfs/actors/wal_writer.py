@@ -71,6 +71,8 @@ class WalWriter:
         self._pending_bytes = 0
         self._waiters: list[tuple[int, ReplySlot | None]] = []
         self._failed: str | None = None
+        # fsyncs: counted at each flush, in the worker threads too (the writer awaits them:
+        # nothing reads the counts meanwhile)
         self._stats = {"batches": 0, "records": 0, "fsyncs": 0, "bytes_since_trim": 0}
         self._handlers = {
             m.Append: self._append,
@@ -168,7 +170,7 @@ class WalWriter:
                 if (self._segment_offset + len(data) > self._segment_bytes
                         and self._segment_offset > formats.SEGMENT_HEADER_SIZE):
                     await trio.to_thread.run_sync(self._start_segment, batch[0][0])
-                fsyncs = await trio.to_thread.run_sync(self._write_batch, data)
+                await trio.to_thread.run_sync(self._write_batch, data)
             except OSError as exc:
                 self._fail(f"WAL write failed: {exc}")
             else:
@@ -177,11 +179,10 @@ class WalWriter:
                 self._status.durable_bytes += len(data)
                 self._stats["batches"] += 1
                 self._stats["records"] += len(batch)
-                self._stats["fsyncs"] += fsyncs
                 self._stats["bytes_since_trim"] += len(data)
                 if debug_enabled():
                     log.debug("group commit", records=len(batch), bytes=len(data),
-                              durable_lsn=self._durable_lsn, fsyncs=fsyncs)
+                              durable_lsn=self._durable_lsn)
         self._answer_waiters()
 
     def _answer_waiters(self) -> None:
@@ -195,11 +196,12 @@ class WalWriter:
                 still_waiting.append((lsn, slot))
         self._waiters = still_waiting
 
-    def _write_batch(self, data: bytes) -> int:
-        data_synced = self._blocks.sync()
+    def _write_batch(self, data: bytes) -> None:
+        if self._blocks.sync():
+            self._stats["fsyncs"] += 1
         self._segment.pwrite(self._segment_offset, data)
         self._segment.fsync()
-        return 2 if data_synced else 1
+        self._stats["fsyncs"] += 1
 
     def _fail(self, reason: str) -> None:
         self._failed = self._status.failed = reason
@@ -217,7 +219,9 @@ class WalWriter:
             for offset in range(len(header), self._segment_bytes, len(_ZEROS)):
                 segment.pwrite(offset, _ZEROS[: min(len(_ZEROS), self._segment_bytes - offset)])
             segment.fsync()
+            self._stats["fsyncs"] += 1
             self._storage.fsync_dir(formats.WAL_DIR)
+            self._stats["fsyncs"] += 1
         except BaseException:
             segment.close()
             raise

@@ -20,9 +20,11 @@ from razorfs.actors.system import Handles
 from razorfs.errors import FsError, NoSuchEntry
 from razorfs.fuse.datapath import DataPath
 from razorfs.fuse.errors import fuse_edge
-from razorfs.fuse.setid import setgid_dropped, setid_bits_dropped
+from razorfs.fuse.pagecache import DirectIoCoherence
+from razorfs.fuse.setid import in_group_or_capable, setgid_dropped, setid_bits_dropped
 from razorfs.metrics import RequestMetrics
-from razorfs.state.tree import Attr
+from razorfs.state import acl
+from razorfs.state.tree import DOTDOT_COOKIE, Attr, clamp_time_ns
 from razorfs.storage.formats import BLOCK_SIZE
 
 READDIR_BATCH = 256
@@ -33,6 +35,7 @@ ATTR_TIMEOUT = 1.0
 class OpenFile:
     ino: int
     flags: int
+    direct: bool = False  # opened with O_DIRECT
 
 
 def negative_entry() -> pyfuse3.EntryAttributes:
@@ -45,13 +48,15 @@ def negative_entry() -> pyfuse3.EntryAttributes:
     return entry
 
 
-def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
+def entry_attributes(attr: Attr, generation: int = 0) -> pyfuse3.EntryAttributes:
+    """``generation`` matters in entry replies only (lookup, creations, readdirplus): the
+    kernel keeps it as the inode's, for file handles."""
     entry = pyfuse3.EntryAttributes()
     (entry.st_ino, entry.st_mode, entry.st_nlink, entry.st_uid, entry.st_gid, entry.st_rdev,
      entry.st_size, entry.st_blocks, entry.st_atime_ns, entry.st_mtime_ns,
      entry.st_ctime_ns) = attr
     entry.st_blksize = BLOCK_SIZE
-    entry.generation = 0
+    entry.generation = generation
     entry.entry_timeout = ATTR_TIMEOUT
     entry.attr_timeout = ATTR_TIMEOUT
     return entry
@@ -60,6 +65,7 @@ def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    enable_acl = True  # the kernel enforces the ACLs we store (FUSE_POSIX_ACL)
 
     def __init__(self, handles: Handles, *, sync_writes: bool = False, noatime: bool = False,
                  read_only: bool = False, reraise_unexpected: bool = False) -> None:
@@ -70,12 +76,14 @@ class Operations(pyfuse3.Operations):
         self._allocator = handles.allocator
         self._data = DataPath(handles)
         self._wal_status = handles.wal_status
+        self._generations = handles.recovered.generations
         self._sync_writes = sync_writes
         self.noatime = noatime
         self.read_only = read_only  # a mount (or remount) with -o ro: every change is EROFS
         self.reraise_unexpected = reraise_unexpected
         self.metrics = RequestMetrics()
         self._open_files: dict[int, OpenFile] = {}
+        self._page_cache = DirectIoCoherence()
         self._next_fh = 1
         self.initialized = trio.Event()  # set once the kernel's FUSE INIT is answered
 
@@ -112,7 +120,10 @@ class Operations(pyfuse3.Operations):
         return reply
 
     async def _make(self, message) -> pyfuse3.EntryAttributes:
-        return entry_attributes((await self._change(message)).attr)
+        return self._entry((await self._change(message)).attr)
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        return entry_attributes(attr, self._generations.of(attr.ino))
 
     async def _sync_all(self) -> None:
         lsn = self._queries.sync_point()
@@ -122,7 +133,10 @@ class Operations(pyfuse3.Operations):
     def _new_fh(self, ino: int, flags: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._open_files[fh] = OpenFile(ino, flags)
+        direct = bool(flags & os.O_DIRECT)
+        self._open_files[fh] = OpenFile(ino, flags, direct)
+        if direct:
+            self._page_cache.opened(ino)
         return fh
 
     def _open_file(self, fh: int) -> OpenFile:
@@ -142,7 +156,7 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def lookup(self, parent_inode, name, ctx=None):
         try:
-            return entry_attributes(self._queries.lookup(parent_inode, name))
+            return self._entry(self._queries.lookup(parent_inode, name))
         except NoSuchEntry:
             return negative_entry()
 
@@ -162,8 +176,9 @@ class Operations(pyfuse3.Operations):
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            # the kernel passes any 64-bit seconds: kept as ext4 keeps them (and encodable)
+            atime_ns=clamp_time_ns(attr.st_atime_ns) if fields.update_atime else None,
+            mtime_ns=clamp_time_ns(attr.st_mtime_ns) if fields.update_mtime else None,
         )
         times_only = (fields.update_atime or fields.update_mtime) and not (
             fields.update_mode or fields.update_uid or fields.update_gid or fields.update_size)
@@ -189,12 +204,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return await self._make(m.MakeNode(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return await self._make(m.MakeNode(parent_inode, name, mode, rdev, ctx.uid, ctx.gid,
+                                           umask=ctx.umask))
 
     @fuse_edge
     async def mkdir(self, parent_inode, name, mode, ctx):
         return await self._make(m.MakeNode(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode),
-                                           0, ctx.uid, ctx.gid))
+                                           0, ctx.uid, ctx.gid, umask=ctx.umask))
 
     @fuse_edge
     async def symlink(self, parent_inode, name, target, ctx):
@@ -239,7 +255,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def setxattr(self, inode, name, value, ctx):
-        await self._change(m.SetXattr(inode, name, value))
+        keep_setgid = name != acl.ACCESS or in_group_or_capable(
+            self._queries.getattr(inode).gid, ctx.uid, ctx.gid, ctx.pid)
+        await self._change(m.SetXattr(inode, name, value, keep_setgid))
 
     @fuse_edge
     async def listxattr(self, inode, ctx):
@@ -271,7 +289,7 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def create(self, parent_inode, name, mode, flags, ctx):
         entry = await self._make(m.MakeNode(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode),
-                                            0, ctx.uid, ctx.gid))
+                                            0, ctx.uid, ctx.gid, umask=ctx.umask))
         return pyfuse3.FileInfo(fh=self._new_fh(entry.st_ino, flags)), entry
 
     @fuse_edge
@@ -279,6 +297,7 @@ class Operations(pyfuse3.Operations):
         ino = self._open_file(fh).ino
         if size <= 0:
             return b""
+        self._page_cache.caching(ino)
         first = off // BLOCK_SIZE
         count = (off + size - 1) // BLOCK_SIZE - first + 1
         file_size, data = await self._data.read(ino, first, count)
@@ -295,11 +314,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def write(self, fh, off, buf):
-        ino = self._open_file(fh).ino
+        open_file = self._open_file(fh)
+        ino = open_file.ino
         if not buf:
             return 0
         self._refuse_changes()
+        if not open_file.direct:
+            self._page_cache.caching(ino)  # write-through: the kernel keeps what was written
         reply = await self._data.write(ino, off, buf)
+        if open_file.direct:
+            await self._page_cache.direct_write_applied(ino)
         await self._settle(reply.lsn)
         self.metrics.bytes_written += len(buf)
         return len(buf)
@@ -313,7 +337,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_edge
     async def release(self, fh):
-        self._open_files.pop(fh, None)
+        open_file = self._open_files.pop(fh, None)
+        if open_file is not None and open_file.direct:
+            self._page_cache.released(open_file.ino)
 
     @fuse_edge
     async def fsync(self, fh, datasync):
@@ -330,11 +356,15 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def readdir(self, fh, start_id, token):
         ino = self._open_file(fh).ino
-        after = start_id
+        if start_id < DOTDOT_COOKIE:
+            for name, cookie, attr in self._queries.dot_entries(ino)[start_id:]:
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cookie):
+                    return
+        after = max(start_id, DOTDOT_COOKIE)
         while True:
             entries = self._queries.readdir(ino, after, READDIR_BATCH)
             for index, (name, cookie, attr) in enumerate(entries):
-                if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), cookie):
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cookie):
                     # Each returned entry counted as a lookup; the kernel took none of these.
                     rejected = tuple(v for e in entries[index:] for v in (e[2][0], 1))
                     await self._tree.tell(m.Forget(rejected))

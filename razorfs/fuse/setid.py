@@ -43,4 +43,11 @@ def setgid_dropped(mode: int, file_gid: int, uid: int, gid: int, pid: int) -> bo
     if (uid == 0 or not stat.S_ISREG(mode)
             or mode & (stat.S_ISGID | stat.S_IXGRP) != stat.S_ISGID):
         return False
-    return gid != file_gid and file_gid not in supplementary_groups(pid)
+    return not in_group_or_capable(file_gid, uid, gid, pid)
+
+
+def in_group_or_capable(file_gid: int, uid: int, gid: int, pid: int) -> bool:
+    """Whether the caller is in the file's group or privileged (CAP_FSETID, approximated by uid
+    0): Linux keeps S_ISGID when such a caller's access ACL changes the mode
+    (posix_acl_update_mode), which the kernel's FUSE client leaves to us."""
+    return uid == 0 or gid == file_gid or file_gid in supplementary_groups(pid)

@@ -10,15 +10,17 @@ agree. The daemon runs this through the recovery coordinator actor, offline tool
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from razorfs.state import redo, snapshot
+from razorfs.state.generations import Generations
 from razorfs.state.tree import TreeState, collector_paused
 from razorfs.storage import formats
 from razorfs.storage.checkpoints import (
-    CHECKPOINTS_KEPT, list_checkpoints, read_checkpoint, read_superblock, write_checkpoint)
+    CHECKPOINTS_KEPT, list_checkpoints, read_checkpoint, read_epochs, read_superblock,
+    write_checkpoint, write_epochs)
 from razorfs.storage.formats import FormatError, Superblock
 from razorfs.storage.interface import Storage
 from razorfs.storage.wal import LogEnd, delete_segments_upto, list_segments, scan_log
@@ -43,6 +45,9 @@ class Recovered:
     damaged_checkpoints: list[str]  # their paths
     seconds: dict[str, float]  # where the time went: checkpoint load, log scan, replay
     checkpoint_due: bool = False  # replayed records no checkpoint holds yet (``recover``)
+    # file handle generations; ``recover`` starts a new epoch for the numbers it will give
+    generations: Generations = field(default_factory=Generations)
+    epochs_damage: str | None = None  # why the epochs file could not be read
 
 
 def load(storage: Storage, *, salvage: bool = False) -> Recovered:
@@ -82,6 +87,10 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
             raise FormatError(
                 f"WAL record LSN {record.lsn} at offset {record.offset} cannot be replayed: {exc}"
             ) from None
+    try:
+        generations, epochs_damage = Generations(read_epochs(storage, superblock.uuid)), None
+    except FormatError as exc:
+        generations, epochs_damage = Generations(), str(exc)
     orphans = [inode for inode in state.inodes.values() if inode.nlink == 0]
     for inode in orphans:
         state.apply(redo.DropInode(inode.ino))
@@ -90,7 +99,8 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
     return Recovered(superblock, state, checkpoint_lsn,
                      scan.last_lsn or checkpoint_lsn, scan.last_batch,
                      len(scan.records), len(orphans), scan.end, scan.discarded, skipped, damaged,
-                     {name: round(value, 3) for name, value in seconds.items()})
+                     {name: round(value, 3) for name, value in seconds.items()},
+                     generations=generations, epochs_damage=epochs_damage)
 
 
 def recover(storage: Storage, *, salvage: bool = False, defer_checkpoint: bool = False,
@@ -132,12 +142,24 @@ def recover(storage: Storage, *, salvage: bool = False, defer_checkpoint: bool =
             upto = checkpoints[-CHECKPOINTS_KEPT][0]
             delete_segments_upto(storage, upto if keep_log_after is None
                                  else min(upto, keep_log_after))
+    _start_epoch(storage, recovered)
     log.info("recovered", checkpoint_lsn=recovered.checkpoint_lsn, replayed=recovered.replayed,
              last_lsn=recovered.last_lsn, orphans_reclaimed=recovered.orphans,
              inodes=len(recovered.state.inodes), seconds=recovered.seconds,
              checkpoint_due=recovered.checkpoint_due,
              torn_tail=end.reason if end is not None else None)
     return recovered
+
+
+def _start_epoch(storage: Storage, recovered: Recovered) -> None:
+    """Make a new inode epoch durable before any inode number is given (``generations``)."""
+    generations = recovered.generations
+    if recovered.epochs_damage is not None:
+        log.warning("epochs file damaged: file handles made before now answer ESTALE",
+                    reason=recovered.epochs_damage)
+        generations = Generations.after_damage(time.time_ns() // 10**9)
+    recovered.generations = generations.started_at(recovered.state.next_ino)
+    write_epochs(storage, recovered.superblock.uuid, recovered.generations.entries)
 
 
 def _cut_tail(storage: Storage, end: LogEnd) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import stat
 import struct
-from dataclasses import dataclass
 
 import msgpack
 import structlog

@@ -28,6 +28,21 @@ CRC_MASK = 0xFFFFFFFF
 # dict each; read-only, so that a write meant for one file fails instead of reaching them all.
 NO_EXTENTS = MappingProxyType({})
 
+# ext4's timestamp range (256-byte inodes, its default): seconds from -2**31 to 2**34 - 2**31 - 1.
+# A time outside is kept as the nearest bound without nanoseconds, as the kernel's
+# timestamp_truncate does for ext4.
+TIME_MIN_S = -(1 << 31)
+TIME_MAX_S = (1 << 34) - (1 << 31) - 1
+_TIME_LOW_NS = (TIME_MIN_S + 1) * 10**9  # from here up to _TIME_HIGH_NS a time stays as it is
+_TIME_HIGH_NS = TIME_MAX_S * 10**9
+
+
+def clamp_time_ns(ns: int) -> int:
+    """``ns`` (a time in ns since the epoch, any size) as ext4 stores it."""
+    if _TIME_LOW_NS <= ns < _TIME_HIGH_NS:
+        return ns
+    return TIME_MIN_S * 10**9 if ns < _TIME_LOW_NS else TIME_MAX_S * 10**9
+
 
 @contextmanager
 def collector_paused():
@@ -63,9 +78,16 @@ class ReplayError(Exception):
     """A redo operation that does not fit the state: the log or checkpoint is inconsistent."""
 
 
+# readdir positions: "." and ".." come first, at cookies of their own that no name takes
+DOT_COOKIE, DOTDOT_COOKIE = 1, 2
+FIRST_NAME_COOKIE = 3
+
+
 def name_cookie(name: bytes) -> int:
-    """A name's readdir position: 62 bits of its hash (never 0, fits a signed off_t)."""
-    return (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2) + 1
+    """A name's readdir position: 62 bits of its hash, from FIRST_NAME_COOKIE on (fits a
+    signed off_t)."""
+    return ((int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2)
+            + FIRST_NAME_COOKIE)
 
 
 def _times_shared(atime_ns: int, mtime_ns: int, ctime_ns: int) -> tuple[int, int, int]:

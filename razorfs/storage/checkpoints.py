@@ -1,4 +1,4 @@
-"""Checkpoint files and the superblock: which exist, reading and writing them atomically.
+"""Checkpoint files, the superblock and the epochs file: reading and writing them atomically.
 
 Byte layouts and validity rules are in ``formats``; what a checkpoint body means is
 ``razorfs.state.snapshot``'s. Two checkpoints are kept, so that if the newest is ever found
@@ -47,3 +47,15 @@ def write_checkpoint(storage: Storage, uuid: bytes, lsn: int, body: bytes | list
         storage.unlink(path)
     if stale:
         storage.fsync_dir(formats.CHECKPOINT_DIR)
+
+
+def read_epochs(storage: Storage, uuid: bytes) -> list[tuple[int, int]]:
+    """The epochs file's (first inode number, epoch) entries: none if there is no file (a
+    filesystem made before epochs existed), FormatError if it is damaged."""
+    if not storage.exists(formats.EPOCHS_PATH):
+        return []
+    return formats.decode_epochs(storage.read_file(formats.EPOCHS_PATH), uuid)
+
+
+def write_epochs(storage: Storage, uuid: bytes, entries: list[tuple[int, int]]) -> None:
+    storage.write_file_atomically(formats.EPOCHS_PATH, formats.encode_epochs(entries, uuid))

@@ -10,6 +10,8 @@ DATA_DIR/
   wal/<LSN:016x>.wal    WAL segments, named by the first LSN they may hold
   checkpoints/<LSN:016x>.ckpt   metadata snapshots, as of LSN (all records <= LSN applied)
   replica.state         the replica's shipped LSN (``--replica``; layout in replica_formats)
+  epochs                inode number epochs (file handle generations), rewritten atomically by
+                        every recovery (temp file, fsync, rename, fsync dir)
 
 superblock (64 bytes)
   0   8  magic  b"RAZORFS\\0"
@@ -66,6 +68,19 @@ checkpoint
   Valid iff both CRCs match and the file holds exactly 48 + B bytes. Written to a temp name,
   fsynced, renamed, directory fsynced: a crash leaves the old or the new file, never a mix.
 
+epochs
+  header (24 bytes)
+    0  8  magic b"RZEPOCHS"
+    8  4  number of entries N
+    12 4  first 4 bytes of the filesystem uuid
+    16 4  reserved, zero
+    20 4  CRC of bytes 0..19, then of the entries
+  then N entries of 12 bytes: 0 8 first inode number of the epoch, 8 4 epoch
+  Valid iff the magic and CRC match, the uuid is this filesystem's, the file holds exactly
+  24 + 12 N bytes, and first inode numbers and epochs both strictly increase. An inode's
+  epoch is that of the last entry whose first inode number is not above it (0 before the
+  first): the generation of its file handles (razorfs.state.generations).
+
 block store
   Block N is the BLOCK_SIZE bytes at offset N * BLOCK_SIZE of ``blocks``. Blocks carry no header:
   each inode's extent map holds, per block, (physical block, CRC of its BLOCK_SIZE bytes), and a
@@ -93,17 +108,21 @@ LOCK_PATH = "lock"
 BLOCKS_PATH = "blocks"
 WAL_DIR = "wal"
 CHECKPOINT_DIR = "checkpoints"
+EPOCHS_PATH = "epochs"
 
 SUPERBLOCK_MAGIC = b"RAZORFS\0"
 SEGMENT_MAGIC = b"RZWALSEG"
 RECORD_MAGIC = b"RZR1"
 CHECKPOINT_MAGIC = b"RZCKPT\0\0"
+EPOCHS_MAGIC = b"RZEPOCHS"
 
 _LSN_STEM = re.compile(r"[0-9a-f]{16}")
 _SUPERBLOCK = struct.Struct("<8sII16sQ20s")
 _SEGMENT_HEADER = struct.Struct("<8sIIQ4s")
 _RECORD_HEADER = struct.Struct("<4sIQQII")
 _CHECKPOINT_HEADER = struct.Struct("<8sIIQQ4sII")
+_EPOCHS_HEADER = struct.Struct("<8sI4sI")
+_EPOCH_ENTRY = struct.Struct("<QI")
 
 SUPERBLOCK_SIZE = _SUPERBLOCK.size + 4
 SEGMENT_HEADER_SIZE = _SEGMENT_HEADER.size + 4
@@ -303,3 +322,31 @@ def decode_checkpoint(data: bytes, uuid: bytes, where: str) -> tuple[int, bytes]
 
 def checkpoint_name(lsn: int) -> str:
     return f"{CHECKPOINT_DIR}/{lsn:016x}.ckpt"
+
+
+def encode_epochs(entries: list[tuple[int, int]], uuid: bytes) -> bytes:
+    """The epochs file holding ``entries``, (first inode number, epoch) pairs."""
+    body = b"".join(_EPOCH_ENTRY.pack(first, epoch) for first, epoch in entries)
+    head = _EPOCHS_HEADER.pack(EPOCHS_MAGIC, len(entries), uuid[:4], 0)
+    return head + struct.pack("<I", crc(body, crc(head))) + body
+
+
+def decode_epochs(data: bytes, uuid: bytes, where: str = EPOCHS_PATH) -> list[tuple[int, int]]:
+    """The (first inode number, epoch) entries of a valid epochs file, or FormatError."""
+    size = _EPOCHS_HEADER.size + 4
+    if len(data) < size or data[:8] != EPOCHS_MAGIC:
+        raise FormatError(f"{where}: not a razorfs epochs file")
+    _, count, uuid_prefix, _ = _EPOCHS_HEADER.unpack_from(data)
+    (stored,) = struct.unpack_from("<I", data, _EPOCHS_HEADER.size)
+    body = data[size:]
+    if len(body) != count * _EPOCH_ENTRY.size:
+        raise FormatError(f"{where}: {len(body)} bytes of entries, header says {count} entries")
+    if crc(body, crc(data[: _EPOCHS_HEADER.size])) != stored:
+        raise FormatError(f"{where}: epochs checksum mismatch")
+    if uuid_prefix != uuid[:4]:
+        raise FormatError(f"{where}: epochs file belongs to another filesystem")
+    entries = [_EPOCH_ENTRY.unpack_from(body, i) for i in range(0, len(body), _EPOCH_ENTRY.size)]
+    for (first, epoch), (next_first, next_epoch) in zip(entries, entries[1:]):
+        if next_first <= first or next_epoch <= epoch:
+            raise FormatError(f"{where}: epochs do not increase")
+    return entries

@@ -7,6 +7,25 @@ durable). Paths are relative to the data directory and use ``/`` as separator.
 All methods are blocking; callers on the trio loop run the slow ones (fsync, big pread/pwrite)
 through ``trio.to_thread``. Implementations must be safe to call from several threads at once.
 Errors are raised as ``OSError`` with a real errno (EIO, ENOSPC, ENOENT...), as the OS would.
+
+What razorfs assumes of the disk under a real implementation, and no more (``SimDisk`` crashes
+at least this meanly; tests/crash/test_ext4_power_cut.py cuts the power of a real ext4):
+
+* ``fsync`` of a file makes its bytes and size durable once it returns; ``fsync_dir`` of a
+  directory makes its entries durable (creates, renames, unlinks in it). Nothing else is
+  durable by itself, not even the name of a file just fsync'd.
+* Anything not yet made durable may be lost at a power cut, wholly or in part, in any order:
+  unsynced writes each land whole, not at all, or as any subset of their 512-byte sectors;
+  a file may grow without its data (zeros); directory changes land as any subset in which
+  each name takes its values in order. A sector holds all of its old or all of its new bytes,
+  and bytes that no unsynced write covers keep their value.
+* A rename within one directory is atomic across a power cut: the target names the old or
+  the new file, never neither.
+* A failed fsync leaves unknown what reached the disk, and a retried fsync proves nothing
+  (Linux may drop the dirty pages it failed to write): razorfs never retries one, it stops
+  writing (failsafe).
+* Durable bytes do not change by themselves; if they do, checksums find it (G5), but nothing
+  repairs it.
 """
 
 from __future__ import annotations

@@ -3,15 +3,30 @@
 Model: every file object holds its ``current`` bytes (what reads see), its ``durable`` bytes
 (what survives a power cut) and the operations made since its last ``fsync`` (``pending``: writes
 and truncates, in order). Every directory likewise holds ``current`` and ``durable`` entries
-(name -> file or directory), and only ``fsync_dir`` of that very directory copies the first into the
-second. As on Linux, fsyncing a file does not make its name durable: a new or renamed file needs
-``fsync_dir`` of its directory (of both directories, for a move between two).
+(name -> file or directory) and the changes made to its entries since its last ``fsync_dir``
+(``pending``); only ``fsync_dir`` of that very directory makes them durable. As on Linux,
+fsyncing a file does not make its name durable: a new or renamed file needs ``fsync_dir`` of its
+directory (of both directories, for a move between two).
 
-``crash()`` returns the disk a power cut could leave: walk from the root through durable entries and
-give every file its durable bytes. With ``keep_unsynced``, some unsynced work may also have reached
-the platter: each directory may show its current entries instead (p=0.5), and each file gets a
-random subset of its pending operations, optionally with the last applied write torn at a 512-byte
-sector.
+``crash()`` returns the disk a power cut could leave: walk from the root through durable entries
+and give every file its durable bytes. With ``keep_unsynced``, some unsynced work may also have
+reached the disk, as much of it as POSIX leaves open and as meanly as ext4 may make it (the
+assumptions razorfs makes of a disk are listed in ``interface``):
+
+* Directory entries: each directory's pending changes land as any subset closed under "an
+  earlier change to a same name": a change lands only if every earlier change to any name it
+  touches landed too, so each name ends at one of the values it had, and a name never goes back
+  to an older value once a newer one landed. A rename within one directory is one change, both
+  halves or neither (rename(2) atomicity; one journal transaction on ext4); a move between two
+  directories is a change in each, which land independently (the two directories are synced
+  apart). A directory draws "none", "all" or "each change at even odds" with equal chance.
+* File data: independently of its name (a new name may land with none, some or all of its
+  data), each file gets a random subset of its pending operations, applied in order. With
+  ``tear``, the last applied write is torn: whole, cut after a random 512-byte sector (a lost
+  tail), or any subset of its sectors (a lost sector in the middle, or its head), one pattern
+  each with equal chance; sectors are counted from the start of the file, and each holds all of
+  its old or all of its new bytes. A torn write that extends the file may leave the new size
+  with zeros where its sectors did not land.
 
 A handle stays bound to its file object, not to its name, so a renamed or unlinked file remains
 usable through a handle opened before, as with POSIX. ``fail_next`` and ``capacity`` (ENOSPC) let
@@ -74,21 +89,67 @@ class _File:
         for i, (kind, arg, data) in enumerate(applied):
             if kind == "truncate":
                 _truncate(buf, arg)
-                continue
-            if tear and i == writes[-1]:
-                # Sectors reach the platter whole: a torn write keeps a 512-byte multiple (or all).
-                sectors = -(-len(data) // SECTOR)
-                data = data[: SECTOR * rng.randint(0, sectors)]
-                if not data:
-                    continue  # nothing reached the disk, not even the size change
-            _write(buf, arg, data)
+            elif tear and i == writes[-1]:
+                _write_torn(buf, arg, data, rng)
+            else:
+                _write(buf, arg, data)
         return bytes(buf)
+
+
+def _write_torn(buf: bytearray, offset: int, data: bytes, rng: random.Random) -> None:
+    """Apply a write that a power cut interrupted (the patterns: see the module docstring)."""
+    end = offset + len(data)
+    bounds = [offset, *range((offset // SECTOR + 1) * SECTOR, end, SECTOR), end]
+    sectors = list(zip(bounds, bounds[1:]))
+    pattern = rng.choice(("whole", "tail lost", "any sectors"))
+    if pattern == "whole":
+        kept = sectors
+    elif pattern == "tail lost":
+        kept = sectors[: rng.randrange(len(sectors))]
+    else:
+        kept = [sector for sector in sectors if rng.random() < 0.5]
+    if pattern != "whole" and end > len(buf) and rng.random() < 0.5:
+        _truncate(buf, end)  # the new size landed, the missing sectors read as zeros
+    for start, stop in kept:
+        _write(buf, start, data[start - offset : stop - offset])
 
 
 class _Dir:
     def __init__(self) -> None:
         self.current: dict[str, _File | _Dir] = {}
         self.durable: dict[str, _File | _Dir] = {}
+        # each change: name -> new entry (None: removed); two names for a rename in here
+        self.pending: list[dict[str, _File | _Dir | None]] = []
+
+    def change(self, names: dict[str, _File | _Dir | None]) -> None:
+        for name, node in names.items():
+            if node is None:
+                del self.current[name]
+            else:
+                self.current[name] = node
+        self.pending.append(names)
+
+    def sync(self) -> None:
+        self.durable = dict(self.current)
+        self.pending.clear()
+
+    def survivor(self, rng: random.Random | None) -> dict[str, _File | _Dir]:
+        """The entries a power cut leaves (with ``rng``: plus a closed subset of the changes)."""
+        entries = dict(self.durable)
+        if rng is None or not self.pending:
+            return entries
+        odds = rng.choice((0.0, 0.5, 1.0))
+        blocked: set[str] = set()  # names whose next change cannot land
+        for change in self.pending:
+            if blocked.isdisjoint(change) and rng.random() < odds:
+                for name, node in change.items():
+                    if node is None:
+                        entries.pop(name, None)
+                    else:
+                        entries[name] = node
+            else:
+                blocked.update(change)
+        return entries
 
 
 @dataclass
@@ -199,8 +260,7 @@ class SimDisk(Storage):
         copies: dict[int, _File] = {}  # a file reachable under two names stays one (hard link)
 
         def copy_dir(node: _Dir, into: _Dir, ancestors: frozenset[int]) -> None:
-            synced = chance is None or chance.random() >= 0.5
-            entries = node.durable if synced else node.current
+            entries = node.survivor(chance)
             for name in sorted(entries):  # sorted: the rng draws must not depend on insertion order
                 child = entries[name]
                 if isinstance(child, _File):
@@ -263,7 +323,8 @@ class SimDisk(Storage):
             if node is None:
                 if not create:
                     raise _error(errno.ENOENT, path)
-                node = parent.current[name] = _File()
+                node = _File()
+                parent.change({name: node})
             if isinstance(node, _Dir):
                 raise _error(errno.EISDIR, path)
             return SimFile(self, node, path)
@@ -291,7 +352,7 @@ class SimDisk(Storage):
             if isinstance(node, _File):
                 raise _error(errno.EEXIST, path)
             if node is None:
-                parent.current[name] = _Dir()
+                parent.change({name: _Dir()})
 
     def rename(self, src: str, dst: str) -> None:
         with self._lock:
@@ -313,8 +374,11 @@ class SimDisk(Storage):
                     raise _error(errno.EINVAL, dst)
             elif isinstance(old, _Dir):
                 raise _error(errno.EISDIR, dst)
-            del src_parent.current[src_name]
-            dst_parent.current[dst_name] = node
+            if src_parent is dst_parent:
+                src_parent.change({src_name: None, dst_name: node})
+            else:
+                src_parent.change({src_name: None})
+                dst_parent.change({dst_name: node})
 
     def unlink(self, path: str) -> None:
         with self._lock:
@@ -325,7 +389,7 @@ class SimDisk(Storage):
                 raise _error(errno.ENOENT, path)
             if isinstance(node, _Dir):
                 raise _error(errno.EISDIR, path)
-            del parent.current[name]
+            parent.change({name: None})
 
     def fsync_dir(self, path: str) -> None:
         with self._lock:
@@ -333,7 +397,7 @@ class SimDisk(Storage):
             node = self._lookup(path)
             if not isinstance(node, _Dir):
                 raise _error(errno.ENOTDIR, path)
-            node.durable = dict(node.current)
+            node.sync()
         self.counters.add(fsyncs=1)
 
     def space(self) -> SpaceInfo:

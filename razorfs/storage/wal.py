@@ -115,15 +115,16 @@ def scan_log(storage: Storage, uuid: bytes, after_lsn: int, *,
 
 def delete_segments_upto(storage: Storage, upto: int) -> int:
     """Delete the segments whose every record is <= ``upto`` (the newest segment always stays);
-    return how many."""
+    return how many. Oldest first, each removal durable before the next: unsynced removals may
+    land in any order, and an older segment left without the one after it is a gap that the
+    scan refuses."""
     segments = list_segments(storage)
     removed = 0
     for (_, path), (next_first, _) in zip(segments, segments[1:]):
         if next_first - 1 <= upto:
             storage.unlink(path)
+            storage.fsync_dir(formats.WAL_DIR)
             removed += 1
-    if removed:
-        storage.fsync_dir(formats.WAL_DIR)
     return removed
 
 

@@ -1,9 +1,11 @@
 """WAL writer: concurrent waiters share fsyncs; unwaited changes are bounded by commit_interval."""
 
 import random
+import time
 
 import pytest
 import trio
+import trio.testing
 
 from razorfs import fsck
 from razorfs.actors import messages as m
@@ -40,6 +42,22 @@ async def test_concurrent_waiters_share_fsyncs(fs):
         assert len(await after.listdir()) == N
 
 
+async def test_fsyncs_statistic_counts_every_flush_of_the_writer(disk):
+    """The WAL writer's ``fsyncs`` are the flushes it made, starting segments included: with no
+    checkpoint to take, it is the only one flushing the disk, so the disk's count must agree."""
+    async with mounted(disk, segment_bytes=8 << 10, checkpoint_poll=1e6) as fs:
+        disk_before, stats_before = disk.counters.fsyncs, await fs.wal_stats()
+        segments_before = len(disk.listdir("wal"))
+        for i in range(30):
+            ino = (await fs.create(b"f%d" % i)).ino
+            await fs.write(ino, 0, b"data")
+            await fs.call(m.SetXattr(ino, b"user.big", bytes(1000)))  # fills segments
+            await fs.sync()
+        stats = await fs.wal_stats()
+        assert len(disk.listdir("wal")) > segments_before + 2, "no segment was started"
+        assert stats.fsyncs - stats_before.fsyncs == disk.counters.fsyncs - disk_before
+
+
 @pytest.mark.parametrize("seed", range(8))
 async def test_power_cut_amid_concurrent_writers(disk, seed):
     """Writers race the WAL writer's commits; a power cut at a random moment keeps every
@@ -72,28 +90,41 @@ async def test_power_cut_amid_concurrent_writers(disk, seed):
             assert await fs.read(await fs.resolve(name.decode())) == data, f"seed {seed}: {name}"
 
 
-async def test_commit_interval_bounds_unwaited_loss(disk, autojump_clock):
+async def test_commit_interval_is_the_bound_on_unwaited_loss(disk, mock_clock):
+    """G4 itself: a change nobody waits for is committed when commit_interval has passed since
+    it was made, neither earlier nor later, even while newer changes keep coming. Virtual time
+    moves only when the test moves it: the commit's fsync runs in a worker thread, during which
+    an autojump clock would jump, so the moment of a commit could not be told."""
+    interval = 30
     # The coordinator's log-size poll is a message to the writer too: keep it out of the way.
-    async with mounted(disk, commit_interval=30.0, checkpoint_poll=1e6) as fs:
-        lsn = (await fs.tree.ask(m.MakeNode(ROOT, b"late", FILE, 0, 0, 0))).lsn
-        images = {"at once": disk.crash()}
-        await trio.sleep(29)
-        # A WalStats round trip also waits out any commit already running in the writer.
-        assert (await fs.wal_stats()).durable_lsn < lsn, "committed before commit_interval"
-        images["after 29 s"] = disk.crash()
-        await trio.sleep(2)
-        # No message reaches the writer from here on: its own timer must commit. (A message
-        # would let it notice the age of its oldest record without the timer.)
+    async with mounted(disk, commit_interval=interval, checkpoint_poll=1e6) as fs:
         status = fs.handles.wal_status
-        with trio.fail_after(10_000):  # virtual seconds; the clock jumps while the fsync runs
-            while status.durable_lsn < lsn:
-                await trio.sleep(1)
-        images["after 31 s"] = disk.crash()
-        assert (await fs.wal_stats()).durable_lsn >= lsn
+        made_at = trio.current_time()
+        first = (await fs.tree.ask(m.MakeNode(ROOT, b"first", FILE, 0, 0, 0))).lsn
+        await trio.testing.wait_all_tasks_blocked()  # the writer has taken the record, now
+        images = {"at once": disk.crash()}
+        for second in range(1, interval):
+            mock_clock.jump(1)
+            # A newer change every second: the bound counts from the oldest one waiting.
+            await fs.tree.ask(m.MakeNode(ROOT, b"later%d" % second, FILE, 0, 0, 0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert status.durable_lsn < first, f"committed {second} s after the change"
+        images[f"after {interval - 1} s"] = disk.crash()
+        mock_clock.jump(1)
+        # No message reaches the writer from here on: its own timer must commit, at this very
+        # virtual moment (the fsync takes real time in a thread; the clock stays put).
+        deadline = time.monotonic() + 10
+        while status.durable_lsn < first:
+            assert time.monotonic() < deadline, (
+                f"not committed {interval} s after the change (virtual time "
+                f"{trio.current_time() - made_at} s)")
+            await trio.to_thread.run_sync(time.sleep, 0.01)
+        assert trio.current_time() - made_at == interval
+        images[f"after {interval} s"] = disk.crash()
     for when, image in images.items():
         async with mounted(image) as recovered:
-            present = b"late" in await recovered.listdir()
-            assert present == (when == "after 31 s"), f"crash {when}: present={present}"
+            present = b"first" in await recovered.listdir()
+            assert present == (when == f"after {interval} s"), f"crash {when}: present={present}"
 
 
 async def test_wait_for_a_durable_lsn_returns_at_once(autojump_clock, disk):

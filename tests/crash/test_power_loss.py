@@ -1,14 +1,17 @@
 """Seeded power-cut exploration of the real actors on a SimDisk.
 
 For each seed: mount, run a random workload (creates, mkdirs, copy-on-write writes, truncates,
-renames, links, unlinks, rmdirs, forgets of orphans, fsync points, checkpoints) with a model of
-the namespace, and unmount. A probe between the actors and the SimDisk keeps, for a uniform random
+renames, links, unlinks, rmdirs, forgets of orphans, xattrs, ACLs and the chmods and creates
+that rewrite or inherit them, fsync points, checkpoints) with a model of the namespace, and
+unmount. A probe between the actors and the SimDisk keeps, for a uniform random
 sample of the mutating storage calls, the disk a power cut just before that call could leave
-(``SimDisk.crash(keep_unsynced=True, tear=True)``: unsynced writes partly applied and torn). Each
+(``SimDisk.crash(keep_unsynced=True, tear=True)``: unsynced writes and directory changes partly
+applied, the last write torn, in the middle too). Each
 image must pass fsck, recover, and hold exactly the model state after the transaction with the
 recovered LSN, which must lie between the last acknowledged fsync point and the request in
-flight. A power cut during that recovery must recover the same state; the recovered filesystem
-must take new changes and survive another cut. Failures name the seed and the cut.
+flight; after the clean unmount at the end, it must be the last state. A power cut during that
+recovery must recover the same state; the recovered filesystem must take new changes and
+survive another cut. Failures name the seed and the cut.
 
 RAZORFS_LONG=1 explores ten times more seeds.
 """
@@ -25,6 +28,7 @@ import pytest
 from actors.harness import ROOT, formatted, mounted
 from razorfs import fsck
 from razorfs.actors import messages as m
+from razorfs.state import acl
 from razorfs.storage.formats import BLOCK_SIZE
 from razorfs.storage.interface import Storage, StorageFile
 from razorfs.storage.simdisk import SimDisk
@@ -35,9 +39,16 @@ CUTS_PER_RUN = 4  # plus the final cut, each also cut again during its recovery:
 TUNING = dict(commit_interval=1e6, segment_bytes=8 << 10)
 NAMES = [b"a", b"b", b"c", b"d", b"e"]
 XATTRS = [b"user.x", b"user.y", b"trusted.z"]
+# ACLs with named entries (never equivalent to a mode, so always stored), as stored
+NO_ID = acl.UNDEFINED_ID
+ACLS = [acl.encode(entries) for entries in (
+    ((acl.USER_OBJ, 7, NO_ID), (acl.USER, 5, 1000), (acl.GROUP_OBJ, 5, NO_ID),
+     (acl.MASK, 7, NO_ID), (acl.OTHER, 0, NO_ID)),
+    ((acl.USER_OBJ, 6, NO_ID), (acl.GROUP_OBJ, 4, NO_ID), (acl.GROUP, 6, 1234),
+     (acl.MASK, 6, NO_ID), (acl.OTHER, 4, NO_ID)))]
 ACTIONS = {"create": 12, "mkdir": 5, "symlink": 3, "write": 25, "truncate": 6, "rename": 12,
            "link": 5, "unlink": 10, "rmdir": 4, "forget": 4, "setxattr": 5, "removexattr": 2,
-           "sync": 12, "checkpoint": 3}
+           "setacl": 4, "chmod": 3, "sync": 12, "checkpoint": 3}
 
 explored = {"runs": 0, "cuts": 0}
 
@@ -124,6 +135,12 @@ class _ProbedFile(StorageFile):
         self._file.close()
 
 
+def served_xattrs(fs, ino: int) -> dict[bytes, bytes]:
+    """What the filesystem answers: the model of changes whose xattrs follow from rules (ACLs
+    inherited at creation, rewritten by chmod), so that recovery must rebuild exactly that."""
+    return {name: fs.queries.getxattr(ino, name) for name in fs.queries.listxattr(ino)}
+
+
 def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
@@ -208,6 +225,7 @@ class Workload:
             reply = await fs.call(m.MakeNode(self.dirs[parent_of(path)], name_of(path), mode,
                                              0, 0, 0, target))
             ino = reply.attr.ino
+            self.xattrs[ino] = served_xattrs(fs, ino)
             if stat.S_ISDIR(mode):
                 self.dirs[path] = ino
             else:
@@ -368,6 +386,36 @@ class Workload:
             return lsn
         return go
 
+    def setacl(self):
+        """Set an access ACL (mode and ACL) or a directory's default ACL, or remove one."""
+        inodes = sorted({*self.files.values(), *self.dirs.values()} - self.symlinks - {ROOT})
+        if not inodes:
+            return None
+        ino = self.rng.choice(inodes)
+        name = (acl.DEFAULT if ino in self.dirs.values() and self.rng.random() < 0.6
+                else acl.ACCESS)
+        current = self.xattrs.get(ino, {}).get(name)
+        value = (b"" if current is not None and self.rng.random() < 0.3
+                 else self.rng.choice([v for v in ACLS if v != current]))
+
+        async def go(fs):
+            lsn = (await fs.call(m.SetXattr(ino, name, value))).lsn
+            self.xattrs[ino] = served_xattrs(fs, ino)
+            return lsn
+        return go
+
+    def chmod(self):
+        ino = self._any_file()
+        if ino is None:
+            return None
+        mode = self.rng.choice([0o600, 0o640, 0o755, 0o4711])
+
+        async def go(fs):
+            lsn = (await fs.call(m.SetAttr(ino, mode=mode))).lsn
+            self.xattrs[ino] = served_xattrs(fs, ino)
+            return lsn
+        return go
+
     def sync(self):
         return lambda fs: fs.sync()
 
@@ -432,8 +480,12 @@ async def test_power_cut(seed):
     probe = CutProbe(formatted(SimDisk()), seed, lambda: workload.window)
     async with mounted(probe, **TUNING) as fs:
         await workload.run(fs, workload.rng.randint(5, 40))
+    # After a clean unmount every change is durable: only the last state may come back.
     final = probe.disk.crash(random.Random(seed), keep_unsynced=True, tear=True)
-    for calls, window, image in [*probe.cuts, (probe.calls + 1, workload.window, final)]:
+    last = len(workload.snapshots) - 1
+    for what, window, image in [*((f"before storage call {calls}", window, image)
+                                  for calls, window, image in probe.cuts),
+                                ("after the clean unmount", (last, last), final)]:
         explored["cuts"] += 1
-        await check_cut(seed, workload, f"before storage call {calls}", window, image)
+        await check_cut(seed, workload, what, window, image)
     explored["runs"] += 1

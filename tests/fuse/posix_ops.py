@@ -25,6 +25,7 @@ import hashlib
 import os
 import random
 import stat
+import struct
 import time
 
 BS = 4096
@@ -38,6 +39,15 @@ FOREIGN_XATTR_NAME = "foo.bar"    # Linux: EOPNOTSUPP (no such namespace)
 MODES = (0o644, 0o600, 0o755, 0o000, 0o4755, 0o2775, 0o1777, 0o6711, 0o444)
 IDS = (0, 1000, 65534)
 
+# POSIX ACLs: the xattr format of include/uapi/linux/posix_acl_xattr.h (version, then entries of
+# tag, permissions, id), checked by the kernel before any filesystem sees one
+ACL_ACCESS, ACL_DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+ACL_TAGS = {USER_OBJ: "u::", USER: "u:", GROUP_OBJ: "g::", GROUP: "g:", MASK: "m::",
+            OTHER: "o::"}
+ACL_USERS = (0, 1000, 1001)
+ACL_GROUPS = (1000, 1001, 1234)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -47,6 +57,39 @@ def renameat2(old: str, new: str, flags: int) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), old)
+
+
+SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[os.uname().machine]
+_DIRENT64_HEAD = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
+
+
+def getdents(fd: int, buffer_size: int = 32768) -> list[tuple[bytes, int, int]]:
+    """One getdents64(2) call on directory ``fd``, as the kernel answers it (dot entries
+    included, which os.listdir and os.scandir leave out): (name, d_ino, d_off) each."""
+    buffer = ctypes.create_string_buffer(buffer_size)
+    length = _libc.syscall(SYS_GETDENTS64, fd, buffer, buffer_size)
+    if length < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    raw, entries, offset = buffer.raw[:length], [], 0
+    while offset < length:
+        ino, off, reclen, _ = _DIRENT64_HEAD.unpack_from(raw, offset)
+        name = raw[offset + _DIRENT64_HEAD.size : offset + reclen].split(b"\0", 1)[0]
+        entries.append((name, ino, off))
+        offset += reclen
+    return entries
+
+
+def all_dents(path, buffer_size: int = 32768) -> list[tuple[bytes, int, int]]:
+    """Every entry of directory ``path``, by getdents64 calls until the end."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        entries = []
+        while chunk := getdents(fd, buffer_size):
+            entries += chunk
+        return entries
+    finally:
+        os.close(fd)
 
 
 def kind_of(mode: int) -> str:
@@ -62,7 +105,35 @@ def attrs(st: os.stat_result) -> tuple:
 
 
 def user_xattrs(target) -> list[str]:
-    return sorted(name for name in os.listxattr(target) if name.startswith("user."))
+    """User xattrs and ACLs (the names both filesystems list; ext4 may have others)."""
+    return sorted(name for name in os.listxattr(target)
+                  if name.startswith(("user.", "system.posix_acl_")))
+
+
+def acl_value(entries, version: int = 2) -> bytes:
+    """An ACL xattr value from (tag, perm) and (tag, perm, id) entries."""
+    return struct.pack("<I", version) + b"".join(
+        struct.pack("<HHI", tag, perm, rest[0] if rest else 0xFFFFFFFF)
+        for tag, perm, *rest in entries)
+
+
+def acl_text(value: bytes) -> str:
+    """An ACL value as getfacl would show it, compactly ("u::rw-,u:1000:r--,g::r--,...")."""
+    if len(value) < 4 or (len(value) - 4) % 8:
+        return f"<{len(value)} bytes>"
+    shown = []
+    for tag, perm, ident in struct.iter_unpack("<HHI", value[4:]):
+        name = ACL_TAGS.get(tag, f"{tag:#x}:")
+        shown.append(f"{name}{ident if tag in (USER, GROUP) else ''}"
+                     f"{':' if tag in (USER, GROUP) else ''}"
+                     + "".join(c if perm & b else "-" for c, b in zip("rwx", (4, 2, 1))))
+    return ",".join(shown)
+
+
+def acls(target) -> tuple:
+    """The access and default ACL of ``target`` (getfacl's view), or the errno reading each."""
+    return tuple(outcome(lambda name=name: acl_text(os.getxattr(target, name)))
+                 for name in (ACL_ACCESS, ACL_DEFAULT))
 
 
 def outcome(func) -> tuple:
@@ -138,7 +209,7 @@ class Side:
                     content = os.readlink(path) if kind == "l" else None
             xattrs = {name: os.getxattr(path, name)
                       for name in user_xattrs(path)} if kind in "fd" else {}
-            tree[rel] = (attrs(st), content, xattrs)
+            tree[rel] = (attrs(st), content, xattrs, acls(path) if kind != "l" else None)
         tree["<hard links>"] = sorted(sorted(names) for names in inodes.values() if len(names) > 1)
         return tree
 
@@ -223,7 +294,14 @@ class Side:
         os.rmdir(self.p(path))
 
     def op_listdir(self, path):
-        return sorted(os.listdir(self.p(path)))
+        """Names as getdents gives them ("." and ".." included), and whether the dot entries
+        carry the inode numbers of the directory and (below the side's root) its parent."""
+        dents = all_dents(self.p(path))
+        numbers = {name: ino for name, ino, _ in dents}
+        here = os.stat(self.p(path)).st_ino
+        parent = os.stat(self.p(os.path.dirname(path))).st_ino if path else None
+        return (sorted(os.fsdecode(name) for name, _, _ in dents), numbers.get(b".") == here,
+                numbers.get(b"..") == parent if path else None)
 
     def op_chmod(self, where, mode):
         os.chmod(self.target(where), mode)
@@ -248,6 +326,19 @@ class Side:
     def op_removexattr(self, where, name):
         os.removexattr(self.target(where), name)
 
+    def op_setfacl(self, where, default, value, flags, follow=True):
+        """setfacl (setxattr of an ACL, which the kernel checks: a malformed one is EINVAL)."""
+        os.setxattr(self.target(where), ACL_DEFAULT if default else ACL_ACCESS, value, flags,
+                    follow_symlinks=follow)
+
+    def op_getfacl(self, where, default, follow=True):
+        return acl_text(os.getxattr(self.target(where), ACL_DEFAULT if default else ACL_ACCESS,
+                                    follow_symlinks=follow))
+
+    def op_removefacl(self, where, default, follow=True):
+        os.removexattr(self.target(where), ACL_DEFAULT if default else ACL_ACCESS,
+                       follow_symlinks=follow)
+
 
 def assert_same_trees(ours: Side, ref: Side, context: str) -> None:
     """Whole trees (``Side.snapshot``) equal, or an AssertionError listing each difference."""
@@ -271,9 +362,10 @@ def touched(op: dict) -> tuple[list[str], list[int]]:
 
 
 def post_state(side: Side, op: dict) -> tuple:
-    """lstat of the op's paths and fstat of its slot, after the op."""
+    """lstat (and the ACLs) of the op's paths and fstat of its slot, after the op."""
     paths, slots = touched(op)
     return (tuple(outcome(lambda p=p: attrs(os.lstat(side.p(p)))) for p in paths)
+            + tuple(acls(side.p(p)) for p in paths if not os.path.islink(side.p(p)))
             + tuple(outcome(lambda s=s: attrs(os.fstat(side.fds[s]))) for s in slots
                     if side.fds[s] is not None))
 
@@ -374,6 +466,7 @@ WEIGHTS = {
     "fsync": 2, "rename": 8, "rename_flags": 4, "rename_subtree": 1, "link": 4, "unlink": 5,
     "symlink": 3, "readlink": 2, "mkdir": 5, "mknod": 1, "rmdir": 4, "listdir": 4, "chmod": 3,
     "chown": 2, "utime": 1, "setxattr": 6, "getxattr": 3, "listxattr": 2, "removexattr": 2,
+    "setfacl": 4, "getfacl": 2, "removefacl": 1,
 }
 
 
@@ -619,3 +712,49 @@ class Generator:
 
     def gen_removexattr(self):
         return {"kind": "removexattr", "where": self.where(), "name": self.xattr_name()}
+
+    def acl_op(self, kind: str) -> dict:
+        """An ACL op on a file or directory (default ACLs mostly on directories), now and then
+        a path not followed (a symlink: EOPNOTSUPP)."""
+        rng = self.rng
+        default = rng.random() < 0.4
+        where = self.where() if not default or rng.random() < 0.1 else self.path(prefer="d")
+        op = {"kind": kind, "where": where, "default": default}
+        if isinstance(where, str) and rng.random() < 0.1:
+            op["follow"] = False
+        return op
+
+    def gen_setfacl(self):
+        return {**self.acl_op("setfacl"), "value": self.acl(),
+                "flags": self.rng.choice((0, 0, 0, os.XATTR_CREATE, os.XATTR_REPLACE))}
+
+    def gen_getfacl(self):
+        return self.acl_op("getfacl")
+
+    def gen_removefacl(self):
+        return self.acl_op("removefacl")
+
+    def acl(self) -> bytes:
+        """A well-formed ACL mostly (with or without named users and groups and a mask), else
+        one the kernel refuses or takes as "no ACL" (empty: removes it)."""
+        rng = self.rng
+        roll = rng.random()
+        perm = lambda: rng.randrange(8)  # noqa: E731
+        if roll < 0.03:
+            return rng.choice((b"", acl_value(())))  # no entries: removal
+        if roll < 0.12:
+            return rng.choice((
+                acl_value(((USER_OBJ, 7), (GROUP_OBJ, 5), (OTHER, 0)), version=1),
+                acl_value(((USER_OBJ, 7), (GROUP_OBJ, 5), (OTHER, 0)))[:-2],
+                acl_value(((USER_OBJ, 7), (USER, 7, 1001), (GROUP_OBJ, 5), (OTHER, 0))),
+                acl_value(((GROUP_OBJ, 5), (USER_OBJ, 7), (OTHER, 0))),
+                acl_value(((USER_OBJ, 8), (GROUP_OBJ, 5), (OTHER, 0))),
+                acl_value(((USER_OBJ, 7), (GROUP_OBJ, 5), (MASK, 7))),
+            ))
+        users = sorted(rng.sample(ACL_USERS, rng.choice((0, 0, 1, 2))))
+        groups = sorted(rng.sample(ACL_GROUPS, rng.choice((0, 0, 1, 2))))
+        entries = [(USER_OBJ, perm()), *((USER, perm(), u) for u in users), (GROUP_OBJ, perm()),
+                   *((GROUP, perm(), g) for g in groups)]
+        if users or groups or rng.random() < 0.3:
+            entries.append((MASK, perm()))
+        return acl_value((*entries, (OTHER, perm())))

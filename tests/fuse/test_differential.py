@@ -13,9 +13,11 @@ razorfs. The generator and executor are in ``posix_ops.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import stat
+import time
 
 import pytest
 from posix_ops import (
@@ -24,9 +26,11 @@ from posix_ops import (
     Generator,
     Side,
     Stamps,
+    all_dents,
     assert_same_trees,
     describe,
     fine_grained_ctime,
+    getdents,
     post_state,
 )
 
@@ -186,6 +190,63 @@ def test_readdir_never_repeats_a_name(mount, tmp_path, change):
     ext4, ours = listings
     assert sorted(ext4) == ["a", "b", "c"]
     assert sorted(ours) == ["a", "b", "c"], f"razorfs listed {ours}"
+
+
+def test_getdents_lists_dot_entries_and_resumes_after_each(mount, tmp_path):
+    """A directory of N entries lists N + 2 through getdents, "." and ".." with the inode
+    numbers of the directory and its parent, as on ext4 (razorfs before issue 18 listed N),
+    over many getdents calls (a small buffer: each call resumes at the last offset). A listing
+    resumed at the offset (d_off) of any entry, the dot entries' included, goes on with exactly
+    the entries after it."""
+    for root in (tmp_path, mount.path):
+        where = "razorfs" if root == mount.path else "ext4"
+        for count in (0, 3, 700):
+            directory = root / f"dir{count}"
+            directory.mkdir()
+            for i in range(count):
+                (directory / f"entry-{i:04d}").write_bytes(b"")
+            listing = all_dents(directory, buffer_size=512)
+            names = [name for name, _, _ in listing]
+            expected = [b".", b"..", *(b"entry-%04d" % i for i in range(count))]
+            assert sorted(names) == sorted(expected), f"{where} listed {len(names)} entries"
+            numbers = {name: ino for name, ino, _ in listing}
+            assert numbers[b"."] == directory.stat().st_ino, where
+            assert numbers[b".."] == root.stat().st_ino, where
+            positions = range(len(listing)) if count < 10 else (0, 1, 2, 350, len(listing) - 1)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for k in positions:
+                    os.lseek(fd, listing[k][2], os.SEEK_SET)
+                    rest = []
+                    while chunk := getdents(fd, 512):
+                        rest += [name for name, _, _ in chunk]
+                    assert rest == names[k + 1 :], f"{where}: resumed after {names[k]!r}"
+            finally:
+                os.close(fd)
+
+
+def test_listing_takes_no_reference_on_the_directory_or_its_parent(mount, cli):
+    """The kernel takes a lookup reference for each entry readdirplus returns, but not for "."
+    and ".." (fs/fuse/readdir.c, fuse_direntplus_link): were the daemon to count one for them,
+    a listed directory would never be forgotten, and once removed never dropped."""
+    def inodes() -> int:
+        result = cli("stats", mount.path, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["inodes"]
+
+    before = inodes()
+    parent = mount.path / "p"
+    (parent / "d").mkdir(parents=True)
+    (parent / "d" / "f").write_bytes(b"f")
+    for directory in (parent, parent / "d", parent / "d", parent):
+        assert len(all_dents(directory)) == 3
+    (parent / "d" / "f").unlink()
+    (parent / "d").rmdir()
+    parent.rmdir()
+    deadline = time.monotonic() + 20  # forgets reach the daemon when the kernel drops inodes
+    while inodes() != before:
+        assert time.monotonic() < deadline, f"{inodes() - before} removed inodes never dropped"
+        time.sleep(0.1)
 
 
 RELATIME_MISSES = (

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import FUSE_USABLE, Mount
+from conftest import Mount, require_fuse
 from posix_ops import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 PAST_NS = 1_500_000_000 * 10**9  # atime; mtime one second later: older than any real change
@@ -409,8 +409,7 @@ def run_case(root: str, case: Case) -> dict:
 @pytest.fixture(scope="module")
 def sides(tmp_path_factory):
     """(razorfs directory, ext4 directory) for the module: one mount for every case."""
-    if not FUSE_USABLE:
-        pytest.skip("real FUSE tests need root, /dev/fuse and fusermount3")
+    require_fuse()
     root = tmp_path_factory.mktemp("timestamps")
     mount = Mount(root).mkfs().mount()
     (root / "ext4").mkdir()

@@ -3,7 +3,6 @@ helpers the replica tests share. Under CI a server that does not start fails the
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import FUSE_USABLE, razorfs
+from tests.fuse.conftest import FUSE_USABLE
 from tests.replica.s3server import SwiftS3, swift_installed
 
 

@@ -15,8 +15,9 @@ import threading
 import time
 import urllib.request
 
-import pytest
 
+from razorfs.storage.checkpoints import read_epochs, read_superblock
+from razorfs.storage.files import FileStorage
 from tests.fuse.conftest import razorfs
 from tests.replica.conftest import (
     chunk_spans, object_names, s3_client, stats, sync_all, wait_caught_up)
@@ -77,6 +78,10 @@ def test_restore_after_losing_the_machine(make_mount, replica_url, tmp_path):
     restore(replica_url, mount.data)
     assert data_dir_tree(mount.data) == work.model
     assert razorfs("fsck", mount.data).returncode == 0
+    # File handles made before answer ESTALE, never reach a file that gets a number again.
+    epochs = read_epochs(FileStorage(str(mount.data)), read_superblock(
+        FileStorage(str(mount.data))).uuid)
+    assert len(epochs) == 1 and epochs[0][1] > time.time() - 3600, epochs
     mount.mount()
     assert mounted_tree(mount.path) == work.model
 

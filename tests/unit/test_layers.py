@@ -30,7 +30,8 @@ LAYERS = {
     "actors": ["razorfs.actors"],
     "fuse": ["razorfs.fuse"],
     "daemon and cli": ["razorfs.daemon", "razorfs.cli", "razorfs.control", "razorfs.prometheus",
-                       "razorfs.mount_helper", "razorfs.__main__", "razorfs"],
+                       "razorfs.mount_helper", "razorfs.kernel_mount", "razorfs.__main__",
+                       "razorfs"],
 }
 MAY_IMPORT = {
     "leaf": {"leaf"},

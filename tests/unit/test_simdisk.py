@@ -247,8 +247,8 @@ def test_keep_unsynced_varies_across_seeds() -> None:
         assert all(content[i : i + 1] in (b".", b"%d" % i) for i in range(8))
     for i in range(8):
         assert {c[i : i + 1] for c in contents} == {b".", b"%d" % i}
-    # The unsynced unlink + re-create of "new" sometimes persisted, sometimes not.
-    assert {o["new"] for o in outcomes} == {b"N", b"M"}
+    # The unsynced unlink and re-create of "new": neither, the unlink alone, or both landed.
+    assert {o.get("new") for o in outcomes} == {b"N", None, b"M"}
 
 
 def test_keep_unsynced_applies_ops_in_order() -> None:
@@ -268,19 +268,49 @@ def test_keep_unsynced_needs_rng() -> None:
         SimDisk().crash(keep_unsynced=True)
 
 
-@pytest.mark.parametrize("length", [4096, 1000, 100])
-def test_tear_cuts_at_sector_multiples(length: int) -> None:
+def torn_outcomes(durable: bytes, offset: int, data: bytes, seeds: int = 400) -> set[bytes]:
+    """What a power cut during one unsynced write can leave, over many seeds."""
     disk = SimDisk()
-    durable_file(disk, "f")
-    write(disk, "f", 0, b"\xab" * length)
-    sizes = set()
-    for seed in range(200):
-        data = disk.crash(random.Random(seed), keep_unsynced=True, tear=True).read_file("f")
-        assert data == b"\xab" * len(data)
-        assert len(data) % 512 == 0 or len(data) == length
-        sizes.add(len(data))
-    expected = {n for n in range(0, length, 512)} | {length}
-    assert sizes == expected
+    durable_file(disk, "f", durable)
+    write(disk, "f", offset, data)
+    return {disk.crash(random.Random(seed), keep_unsynced=True, tear=True).read_file("f")
+            for seed in range(seeds)}
+
+
+def sectors(data: bytes) -> list[bytes]:
+    return [data[i : i + 512] for i in range(0, len(data), 512)]
+
+
+@pytest.mark.parametrize("length", [4096, 1000, 100])
+def test_torn_write_keeps_whole_sectors(length: int) -> None:
+    new = b"\xab" * length
+    outcomes = torn_outcomes(b"", 0, new)
+    for data in outcomes:
+        assert len(data) <= length and (len(data) % 512 == 0 or len(data) == length)
+        # Each sector holds all of its new bytes or none (zeros: the size landed, data not).
+        assert all(sector in (new[i * 512 : i * 512 + len(sector)], bytes(len(sector)))
+                   for i, sector in enumerate(sectors(data))), data
+    assert {len(data) for data in outcomes} == {*range(0, length, 512), length}
+    assert new in outcomes and bytes(length) in outcomes  # whole; the size alone
+    if length > 1024:
+        lost_in_middle = [d for d in outcomes if len(d) == length and d.startswith(new[:512])
+                          and bytes(512) in sectors(d)[1:-1] and d.endswith(new[-512:])]
+        assert lost_in_middle, "no torn write lost a sector in the middle"
+        assert any(d.startswith(bytes(512)) and new[:512] in sectors(d) for d in outcomes), \
+            "no torn write lost its first sector and kept a later one"
+
+
+def test_torn_overwrite_keeps_old_sectors_at_file_sector_boundaries() -> None:
+    old, new = b"." * 2000, b"N" * 1000
+    outcomes = torn_outcomes(old, 100, new)
+    pieces = [(100, 512), (512, 1024), (1024, 1100)]  # sectors of the file, not of the write
+    seen = set()
+    for data in outcomes:
+        assert len(data) == 2000 and data[:100] == old[:100] and data[1100:] == old[1100:]
+        landed = tuple(data[a:b] == new[a - 100 : b - 100] for a, b in pieces)
+        assert all(data[a:b] in (old[a:b], new[a - 100 : b - 100]) for a, b in pieces), data
+        seen.add(landed)
+    assert len(seen) == 8  # every subset of the three sectors
 
 
 def test_tear_only_cuts_the_last_applied_write() -> None:
@@ -291,13 +321,77 @@ def test_tear_only_cuts_the_last_applied_write() -> None:
         f.pwrite(1024, b"b" * 1024)
     outcomes = {
         disk.crash(random.Random(s), keep_unsynced=True, tear=True).read_file("f")
-        for s in range(200)
+        for s in range(400)
     }
     for data in outcomes:
-        if data.startswith(b"a") and len(data) > 1024:  # first write applied and a second one too
-            assert data[:1024] == b"a" * 1024
+        if data[1024:].strip(b"\0"):  # the second write landed (in part): the first is whole
+            assert data[:1024] in (b"a" * 1024, bytes(1024)), data
     assert b"a" * 512 in outcomes  # the first write torn (second one not applied)
     assert b"a" * 1024 + b"b" * 512 in outcomes
+    assert b"a" * 1024 + bytes(512) + b"b" * 512 in outcomes  # a middle sector of the second
+
+
+# -- crash with keep_unsynced: which directory changes may land ----------------------------------
+
+
+def entry_outcomes(disk: SimDisk, seeds: int = 300) -> set[tuple]:
+    return {tuple(sorted(tree(disk.crash(random.Random(seed), keep_unsynced=True)).items()))
+            for seed in range(seeds)}
+
+
+def test_rename_in_one_directory_lands_whole_or_not_at_all() -> None:
+    disk = SimDisk()
+    durable_file(disk, "a", b"A")
+    durable_file(disk, "b", b"B")
+    disk.rename("a", "b")
+    assert entry_outcomes(disk) == {(("a", b"A"), ("b", b"B")), (("b", b"A"),)}
+
+
+def test_changes_to_one_name_land_in_order() -> None:
+    """create a, rename a -> b, create a again: never the third change without the second."""
+    disk = SimDisk()
+    with disk.open("a", create=True) as f:
+        f.pwrite(0, b"1")
+        f.fsync()
+    disk.rename("a", "b")
+    with disk.open("a", create=True) as f:
+        f.pwrite(0, b"2")
+        f.fsync()
+    assert entry_outcomes(disk) == {(), (("a", b"1"),), (("b", b"1"),),
+                                    (("a", b"2"), ("b", b"1"))}
+
+
+def test_changes_to_different_names_land_independently() -> None:
+    disk = SimDisk()
+    for name in ("p", "q"):
+        with disk.open(name, create=True) as f:
+            f.pwrite(0, name.encode())
+            f.fsync()
+    # not only prefixes of the order they were made in: q may land without p
+    assert entry_outcomes(disk) == {(), (("p", b"p"),), (("q", b"q"),),
+                                    (("p", b"p"), ("q", b"q"))}
+
+
+def test_a_new_name_may_land_without_its_data() -> None:
+    disk = SimDisk()
+    with disk.open("f", create=True) as f:
+        f.pwrite(0, b"data")
+    outcomes = entry_outcomes(disk)
+    assert outcomes == {(), (("f", b""),), (("f", b"data"),)}
+    disk.fsync_dir("")  # the name is durable now, its data still not
+    assert {dict(o)["f"] for o in entry_outcomes(disk)} == {b"", b"data"}
+    assert tree(disk.crash()) == {"f": b""}
+
+
+def test_move_between_directories_lands_in_each_independently() -> None:
+    disk = SimDisk()
+    disk.mkdir("x")
+    disk.mkdir("y")
+    disk.fsync_dir("")
+    durable_file(disk, "x/f", b"F")
+    disk.rename("x/f", "y/f")
+    files = {tuple(k for k, v in o if v is not None) for o in entry_outcomes(disk)}
+    assert files == {("x/f",), ("y/f",), ("x/f", "y/f"), ()}
 
 
 # -- fault injection and ENOSPC ------------------------------------------------------------------

@@ -10,7 +10,8 @@ import pytest
 from razorfs.state import redo, snapshot
 from razorfs.actors import messages as m
 from razorfs.storage.formats import BLOCK_SIZE
-from razorfs.state.tree import ROOT_INO, Directory, ReplayError, TreeState, name_cookie
+from razorfs.state.tree import (
+    DOT_COOKIE, DOTDOT_COOKIE, ROOT_INO, Directory, ReplayError, TreeState, name_cookie)
 
 T0 = 1_700_000_000_000_000_000
 DIR = stat.S_IFDIR | 0o755
@@ -205,6 +206,22 @@ def test_a_name_keeps_its_cookie_when_replaced_or_removed_and_created_again() ->
         [(cookie_of[b"a"], b"a", 20), (cookie_of[b"b"], b"b", 21), (cookie_of[b"c"], b"c", 12)])
     last = max(cookie_of.values())
     assert list(directory.after(last)) == []
+
+
+def test_no_name_takes_the_cookie_of_a_dot_entry(monkeypatch) -> None:
+    """readdir lists "." and ".." at cookies 1 and 2 (issue 18): a name whose hash is the
+    smallest there is still comes after them, and so does one displaced by a collision."""
+    class ZeroHash:
+        def digest(self) -> bytes:
+            return bytes(8)
+
+    monkeypatch.setattr("razorfs.state.tree.hashlib.blake2b", lambda *args, **kwargs: ZeroHash())
+    assert DOT_COOKIE < DOTDOT_COOKIE < name_cookie(b"anything")
+    directory = Directory()
+    directory.put(b"a", 10)
+    directory.put(b"b", 11)  # the same hash: the next free cookie
+    assert [cookie for cookie, _, _ in directory.after(0)] == [DOTDOT_COOKIE + 1, DOTDOT_COOKIE + 2]
+    assert [name for _, name, _ in directory.after(DOTDOT_COOKIE)] == [b"a", b"b"]
 
 
 def test_readdir_by_cookie_is_stable_while_entries_are_added_and_removed() -> None:

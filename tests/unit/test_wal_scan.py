@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from razorfs.datadir import format_storage
 from razorfs.storage import formats
 from razorfs.storage.formats import SEGMENT_HEADER_SIZE, FormatError
 from razorfs.storage.simdisk import SimDisk
-from razorfs.storage.wal import LogEnd, list_segments, scan_log
+from razorfs.storage.wal import LogEnd, delete_segments_upto, list_segments, scan_log
 
 SEGMENT_BYTES = 4096
 RECORD_BYTES = 48  # 32-byte header + 16-byte payload (see payload())
@@ -161,7 +163,7 @@ def test_zeroed_last_record_ends_the_log_without_a_reason(disk, uuid) -> None:
 
 
 def test_record_with_unexpected_lsn_ends_the_log(disk, uuid) -> None:
-    path = write_segment(disk, uuid, 1, rec(1, 1), rec(2, 1), rec(7, 2))
+    write_segment(disk, uuid, 1, rec(1, 1), rec(2, 1), rec(7, 2))
     scan = scan_log(disk, uuid, 0)
     assert lsns(scan) == [1, 2]
     assert scan.end.offset == slot(2) and "has LSN 7, expected 3" in scan.end.reason
@@ -298,3 +300,37 @@ def test_damaged_last_record_of_a_batch_followed_by_the_next_batch_is_corruption
     write_segment(disk, uuid, 1, rec(1, 1, 1), damaged(rec(2, 1)), rec(3, 2))
     with pytest.raises(FormatError, match="corrupt"):
         scan_log(disk, uuid, 0)
+
+
+class CutBeforeEachChange:
+    """The calls of ``delete_segments_upto`` passed to a SimDisk; before each change, the disks
+    a power cut could leave there (unsynced directory changes kept at random)."""
+
+    def __init__(self, disk: SimDisk) -> None:
+        self.disk = disk
+        self.images: list[SimDisk] = []
+
+    def listdir(self, path: str) -> list[str]:
+        return self.disk.listdir(path)
+
+    def unlink(self, path: str) -> None:
+        self._cut()
+        self.disk.unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        self._cut()
+        self.disk.fsync_dir(path)
+
+    def _cut(self) -> None:
+        self.images += [self.disk.crash(random.Random(seed), keep_unsynced=True)
+                        for seed in range(32)]
+
+
+def test_power_cut_while_segments_are_deleted_leaves_no_gap(disk, uuid) -> None:
+    for first in (1, 3, 5, 7):
+        write_segment(disk, uuid, first, rec(first, first), rec(first + 1, first))
+    probe = CutBeforeEachChange(disk)
+    assert delete_segments_upto(probe, 6) == 3
+    for image in [*probe.images, disk.crash(random.Random(0), keep_unsynced=True)]:
+        assert lsns(scan_log(image, uuid, 6)) == [7, 8]
+
