@@ -143,7 +143,8 @@ class Forget:
 
 @record_type
 class Accessed:
-    """A file was read: move its atime by the relatime rule. Tell (a read never waits)."""
+    """A file was read: move its atime by the relatime rule. Reply: Done (the reader waits
+    only when relatime says the atime moves: rarely)."""
 
     TAG: ClassVar[int] = 19
     ino: int

@@ -28,7 +28,10 @@ from razorfs.state.tree import DOTDOT_COOKIE, Attr, clamp_time_ns
 from razorfs.storage.formats import BLOCK_SIZE
 
 READDIR_BATCH = 256
-ATTR_TIMEOUT = 1.0
+# How long the kernel may keep a name, an absence or attributes: every change comes through this
+# mount, and the kernel drops or refreshes what a change touches, so answers stay true (as
+# libfuse's passthrough_hp does). The daemon's own atime moves are the exception: invalidated.
+ATTR_TIMEOUT = 86400.0
 
 
 @dataclass
@@ -64,6 +67,9 @@ def entry_attributes(attr: Attr, generation: int = 0) -> pyfuse3.EntryAttributes
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
+    # Off: the kernel would send cached writes back in its own order, after later metadata
+    # changes, so a crash could keep a later change without an earlier write (G3; measured and
+    # rejected, docs/PERFORMANCE.md).
     enable_writeback_cache = False
     enable_acl = True  # the kernel enforces the ACLs we store (FUSE_POSIX_ACL)
 
@@ -144,6 +150,15 @@ class Operations(pyfuse3.Operations):
             return self._open_files[fh]
         except KeyError:
             raise FsError(errno.EBADF, f"unknown file handle {fh}") from None
+
+    def _forget_cached_attributes(self, ino: int) -> None:
+        """Tell the kernel that ``ino``'s attributes changed behind its back (an atime moved by
+        a read), so that its cache does not keep the old ones for ATTR_TIMEOUT."""
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it any more
+                raise
 
     def _refuse_changes(self) -> None:
         if self.read_only:
@@ -307,7 +322,8 @@ class Operations(pyfuse3.Operations):
         start = off - first * BLOCK_SIZE
         self.metrics.bytes_read += end - off
         if not (self.noatime or self.read_only) and self._queries.atime_due(ino):
-            await self._tree.tell(m.Accessed(ino))
+            await self._tree.ask(m.Accessed(ino))  # applied before the kernel's cache is dropped
+            self._forget_cached_attributes(ino)
         # A view, not bytes: pyfuse3 replies from any contiguous buffer, and a copy of a big
         # read is a visible share of a cached sequential read.
         return memoryview(data)[start : start + end - off]
