@@ -616,7 +616,8 @@ class TreeManager:
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, "file too large")
         now = self._clock()
-        ops = [redo.PutBlocks(inode.ino, msg.blocks),
+        ops = [redo.PutData(inode.ino, msg.blocks, msg.data) if msg.data
+               else redo.PutBlocks(inode.ino, msg.blocks),
                inode.put_op(size=max(inode.size, end), mtime_ns=now, ctime_ns=now)]
         lsn = await self._commit(ops)
         return m.Changed(inode.attr(), lsn)

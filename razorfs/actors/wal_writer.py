@@ -197,7 +197,8 @@ class WalWriter:
         self._waiters = still_waiting
 
     def _write_batch(self, data: bytes) -> None:
-        if self._blocks.sync():
+        # data before the records that map it; bytes a record carries itself need no flush
+        if self._blocks.sync_ordered():
             self._stats["fsyncs"] += 1
         self._segment.pwrite(self._segment_offset, data)
         self._segment.fsync()

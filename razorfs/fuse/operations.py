@@ -8,6 +8,7 @@ rules are ``setid``'s, and every handler passes through the one error edge (``er
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from razorfs.state.tree import DOTDOT_COOKIE, Attr, clamp_time_ns
 from razorfs.storage.formats import BLOCK_SIZE
 
 READDIR_BATCH = 256
+# A small write within this long (seconds) of an fsync is logged with its data: whoever
+# fsyncs is likely to again, and a logged write's commit needs one flush instead of two.
+FSYNC_RECENT = 2.0
 # How long the kernel may keep a name, an absence or attributes: every change comes through this
 # mount, and the kernel drops or refreshes what a change touches, so answers stay true (as
 # libfuse's passthrough_hp does). The daemon's own atime moves are the exception: invalidated.
@@ -91,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self._open_files: dict[int, OpenFile] = {}
         self._page_cache = DirectIoCoherence()
         self._next_fh = 1
+        self._last_fsync = -math.inf
         self.initialized = trio.Event()  # set once the kernel's FUSE INIT is answered
 
     def init(self) -> None:
@@ -337,7 +342,9 @@ class Operations(pyfuse3.Operations):
         self._refuse_changes()
         if not open_file.direct:
             self._page_cache.caching(ino)  # write-through: the kernel keeps what was written
-        reply = await self._data.write(ino, off, buf)
+        log_data = bool(self._sync_writes or open_file.flags & os.O_DSYNC
+                        or trio.current_time() - self._last_fsync < FSYNC_RECENT)
+        reply = await self._data.write(ino, off, buf, log_data=log_data)
         if open_file.direct:
             await self._page_cache.direct_write_applied(ino)
         await self._settle(reply.lsn)
@@ -360,6 +367,7 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def fsync(self, fh, datasync):
         self._open_file(fh)
+        self._last_fsync = trio.current_time()
         await self._sync_all()
 
     # ---- directories ----
@@ -396,4 +404,5 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def fsyncdir(self, fh, datasync):
         self._open_file(fh)
+        self._last_fsync = trio.current_time()
         await self._sync_all()
