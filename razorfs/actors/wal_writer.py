@@ -170,7 +170,7 @@ class WalWriter:
                 if (self._segment_offset + len(data) > self._segment_bytes
                         and self._segment_offset > formats.SEGMENT_HEADER_SIZE):
                     await trio.to_thread.run_sync(self._start_segment, batch[0][0])
-                await trio.to_thread.run_sync(self._write_batch, data)
+                flushes = await trio.to_thread.run_sync(self._write_batch, data)
             except OSError as exc:
                 self._fail(f"WAL write failed: {exc}")
             else:
@@ -182,7 +182,7 @@ class WalWriter:
                 self._stats["bytes_since_trim"] += len(data)
                 if debug_enabled():
                     log.debug("group commit", records=len(batch), bytes=len(data),
-                              durable_lsn=self._durable_lsn)
+                              durable_lsn=self._durable_lsn, fsyncs=flushes)
         self._answer_waiters()
 
     def _answer_waiters(self) -> None:
@@ -196,13 +196,17 @@ class WalWriter:
                 still_waiting.append((lsn, slot))
         self._waiters = still_waiting
 
-    def _write_batch(self, data: bytes) -> None:
-        # data before the records that map it; bytes a record carries itself need no flush
+    def _write_batch(self, data: bytes) -> int:
+        """The batch on disk behind the data it maps (bytes a record carries itself need no
+        flush first); returns how many flushes it took."""
+        flushes = 0
         if self._blocks.sync_ordered():
             self._stats["fsyncs"] += 1
+            flushes += 1
         self._segment.pwrite(self._segment_offset, data)
         self._segment.fsync()
         self._stats["fsyncs"] += 1
+        return flushes + 1
 
     def _fail(self, reason: str) -> None:
         self._failed = self._status.failed = reason
