@@ -97,7 +97,8 @@ def _check_state(storage: Storage, recovered, report: Report, verify_data: bool,
     paths = _check_tree(state, report)
     blocks = BlockStore(storage)
     try:
-        _check_blocks(state, blocks, paths, report, verify_data, progress or Progress())
+        _check_blocks(state, blocks, paths, report, verify_data, progress or Progress(),
+                      recovered.logged_blocks)
     finally:
         blocks.close()
 
@@ -207,7 +208,8 @@ def _attach_unreachable(state: TreeState, report: Report, paths: dict[int, str],
 
 
 def _check_blocks(state: TreeState, blocks: BlockStore, paths: dict[int, str], report: Report,
-                  verify_data: bool, progress) -> None:
+                  verify_data: bool, progress, logged: dict[int, bytes]) -> None:
+    """``logged``: blocks the log carries (PutData), checked there: recovery writes them back."""
     store_blocks = blocks.block_count()
     owners: dict[int, tuple[int, int]] = {}
     past_end: dict[int, int] = {}
@@ -223,6 +225,10 @@ def _check_blocks(state: TreeState, blocks: BlockStore, paths: dict[int, str], r
         if lblk * BLOCK_SIZE >= state.inodes[ino].size:
             past_end[ino] = -(-state.inodes[ino].size // BLOCK_SIZE)
             report.problems.append(f"{where}: block mapped past the end of the file")
+        if pblk in logged:
+            if crc(logged[pblk]) != checksum:
+                report.problems.append(f"{where}: logged data block {pblk} checksum mismatch")
+            continue
         if pblk >= store_blocks:
             report.problems.append(f"{where}: block {pblk} is beyond the block store's end: "
                                    "not repairable")

@@ -74,6 +74,14 @@ class Mailbox:
     async def tell(self, message) -> None:
         await self._post(Envelope(messages.encode(message), None))
 
+    def tell_nowait(self, message) -> bool:
+        """Post ``message`` if the inbox has room (True); False leaves it unsent."""
+        try:
+            self._send.send_nowait(Envelope(messages.encode(message), None))
+        except trio.WouldBlock:
+            return False
+        return True
+
     async def _post(self, envelope: Envelope) -> None:
         """Into the inbox without a scheduling point when it has room (trio's ``send`` always
         yields): the asker yields anyway while it waits for the reply, and every actor yields

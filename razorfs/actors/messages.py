@@ -41,7 +41,7 @@ class SetAttr:
     new last block when a shrink ends inside a block (its bytes past the end zeroed).
     Reply: Changed."""
 
-    TAG: ClassVar[int] = 10
+    TAG: ClassVar[int] = 50
     ino: int
     mode: int | None = None
     uid: int | None = None
@@ -57,7 +57,7 @@ class MakeNode:
     """Create a file, directory, symlink (``target``), fifo, socket or device. ``umask`` is the
     caller's: applied unless the parent has a default ACL. Reply: Changed."""
 
-    TAG: ClassVar[int] = 11
+    TAG: ClassVar[int] = 51
     parent: int
     name: bytes
     mode: int
@@ -72,7 +72,7 @@ class MakeNode:
 class Remove:
     """unlink (``directory`` False) or rmdir (True). Reply: Committed."""
 
-    TAG: ClassVar[int] = 12
+    TAG: ClassVar[int] = 52
     parent: int
     name: bytes
     directory: bool
@@ -82,7 +82,7 @@ class Remove:
 class Rename:
     """Reply: Committed (LSN 0 when nothing changed)."""
 
-    TAG: ClassVar[int] = 13
+    TAG: ClassVar[int] = 53
     old_parent: int
     old_name: bytes
     new_parent: int
@@ -94,7 +94,7 @@ class Rename:
 class Link:
     """Reply: Changed."""
 
-    TAG: ClassVar[int] = 14
+    TAG: ClassVar[int] = 54
     ino: int
     new_parent: int
     new_name: bytes
@@ -105,7 +105,7 @@ class SetXattr:
     """``keep_setgid``: the caller is in the file's group or privileged, so that an access ACL
     changing the mode leaves S_ISGID (posix_acl_update_mode). Reply: Committed."""
 
-    TAG: ClassVar[int] = 15
+    TAG: ClassVar[int] = 55
     ino: int
     name: bytes
     value: bytes
@@ -116,7 +116,7 @@ class SetXattr:
 class RemoveXattr:
     """Reply: Committed."""
 
-    TAG: ClassVar[int] = 16
+    TAG: ClassVar[int] = 56
     ino: int
     name: bytes
 
@@ -124,28 +124,32 @@ class RemoveXattr:
 @record_type
 class CommitWrite:
     """Data already written to new blocks: map them and grow the size to offset + length.
+    ``data``: the blocks' bytes, to be logged with the mapping (a small write someone is likely
+    to fsync); empty: the block store's flush before the commit makes them durable.
     Reply: Changed."""
 
-    TAG: ClassVar[int] = 17
+    TAG: ClassVar[int] = 57
     ino: int
     offset: int
     length: int
     blocks: tuple
+    data: bytes = b""
 
 
 @record_type
 class Forget:
     """The kernel dropped references: ``pairs`` is a flat tuple (ino, count, ...). Tell."""
 
-    TAG: ClassVar[int] = 18
+    TAG: ClassVar[int] = 58
     pairs: tuple
 
 
 @record_type
 class Accessed:
-    """A file was read: move its atime by the relatime rule. Tell (a read never waits)."""
+    """A file was read: move its atime by the relatime rule. Reply: Done (the reader waits
+    only when relatime says the atime moves: rarely)."""
 
-    TAG: ClassVar[int] = 19
+    TAG: ClassVar[int] = 59
     ino: int
 
 
@@ -153,7 +157,7 @@ class Accessed:
 class EnterFailsafe:
     """Storage failed: refuse every change from now on (EROFS), keep serving reads. Tell."""
 
-    TAG: ClassVar[int] = 20
+    TAG: ClassVar[int] = 60
     reason: str
 
 
@@ -161,7 +165,7 @@ class EnterFailsafe:
 class TreeStats:
     """Reply: TreeStatus."""
 
-    TAG: ClassVar[int] = 21
+    TAG: ClassVar[int] = 61
 
 
 @record_type
@@ -169,7 +173,7 @@ class BeginSnapshot:
     """Start capturing the tree as of the last LSN applied (copy-on-write from now on; one
     capture at a time, a new one replaces any other). Reply: SnapshotStarted."""
 
-    TAG: ClassVar[int] = 22
+    TAG: ClassVar[int] = 62
 
 
 @record_type
@@ -177,7 +181,7 @@ class SnapshotChunk:
     """The next piece of capture ``capture``'s checkpoint body, about ``budget`` inode records
     of work. Reply: SnapshotPiece; the pieces concatenated are exactly the body."""
 
-    TAG: ClassVar[int] = 23
+    TAG: ClassVar[int] = 63
     capture: int
     budget: int
 
@@ -186,7 +190,7 @@ class SnapshotChunk:
 class AbortSnapshot:
     """Drop capture ``capture`` if it is still the running one. Reply: Done."""
 
-    TAG: ClassVar[int] = 24
+    TAG: ClassVar[int] = 64
     capture: int
 
 
@@ -197,7 +201,7 @@ class AbortSnapshot:
 class Allocate:
     """Reply: Extents covering ``count`` blocks."""
 
-    TAG: ClassVar[int] = 30
+    TAG: ClassVar[int] = 70
     count: int
 
 
@@ -205,7 +209,7 @@ class Allocate:
 class Release:
     """Blocks allocated but never committed: free at once. Flat (start, length, ...). Tell."""
 
-    TAG: ClassVar[int] = 31
+    TAG: ClassVar[int] = 71
     extents: tuple
 
 
@@ -213,7 +217,7 @@ class Release:
 class FreeAfter:
     """Blocks unmapped by transaction ``lsn``: reusable once ``lsn`` is durable. Tell."""
 
-    TAG: ClassVar[int] = 32
+    TAG: ClassVar[int] = 72
     blocks: tuple
     lsn: int
 
@@ -222,7 +226,7 @@ class FreeAfter:
 class SpaceStats:
     """Reply: SpaceStatus."""
 
-    TAG: ClassVar[int] = 33
+    TAG: ClassVar[int] = 73
 
 
 # ---- to the WAL writer ----
@@ -231,9 +235,10 @@ class SpaceStats:
 @record_type
 class Append:
     """One transaction's redo operations (already encoded), to be logged as record ``lsn``.
-    Tell."""
+    Tell, into the WAL writer's log inbox, which wakes nobody: the writer takes what is there
+    when it commits."""
 
-    TAG: ClassVar[int] = 40
+    TAG: ClassVar[int] = 80
     lsn: int
     payload: bytes
 
@@ -242,7 +247,7 @@ class Append:
 class WaitDurable:
     """Reply: Durable, once every record up to ``lsn`` is on stable storage."""
 
-    TAG: ClassVar[int] = 41
+    TAG: ClassVar[int] = 81
     lsn: int
 
 
@@ -250,7 +255,7 @@ class WaitDurable:
 class TrimLog:
     """Start a new segment and delete segments holding only records <= ``upto``. Reply: Done."""
 
-    TAG: ClassVar[int] = 42
+    TAG: ClassVar[int] = 82
     upto: int
 
 
@@ -258,7 +263,14 @@ class TrimLog:
 class WalStats:
     """Reply: LogStatus."""
 
-    TAG: ClassVar[int] = 43
+    TAG: ClassVar[int] = 83
+
+
+@record_type
+class TakeRecords:
+    """The log inbox is full: take the records waiting in it now. Tell."""
+
+    TAG: ClassVar[int] = 84
 
 
 # ---- to the recovery coordinator ----
@@ -268,14 +280,14 @@ class WalStats:
 class Checkpoint:
     """Take a checkpoint now. Reply: CheckpointTaken."""
 
-    TAG: ClassVar[int] = 50
+    TAG: ClassVar[int] = 90
 
 
 @record_type
 class CheckpointStats:
     """Reply: CheckpointCounts."""
 
-    TAG: ClassVar[int] = 51
+    TAG: ClassVar[int] = 91
 
 
 # ---- to the replicator ----
@@ -285,7 +297,7 @@ class CheckpointStats:
 class ReplicaStats:
     """Reply: ReplicaStatus."""
 
-    TAG: ClassVar[int] = 60
+    TAG: ClassVar[int] = 95
 
 
 # ---- replies ----
@@ -409,7 +421,7 @@ MESSAGES = (
     SetAttr, MakeNode, Remove, Rename, Link, SetXattr, RemoveXattr, CommitWrite, Forget,
     Accessed, EnterFailsafe, TreeStats, BeginSnapshot, SnapshotChunk, AbortSnapshot,
     Allocate, Release, FreeAfter, SpaceStats,
-    Append, WaitDurable, TrimLog, WalStats,
+    Append, WaitDurable, TrimLog, WalStats, TakeRecords,
     Checkpoint, CheckpointStats, ReplicaStats,
     Done, Changed, Committed, TreeStatus, Extents, SpaceStatus, Durable, LogStatus,
     SnapshotStarted, SnapshotPiece, CheckpointTaken, CheckpointCounts, ReplicaStatus, Failed,

@@ -50,6 +50,7 @@ class RecoveryCoordinator:
         self.checkpoints_written = 0
         self.last_checkpoint_seconds = 0.0
         self._tree: Mailbox | None = None  # set once the others run
+        self._blocks: BlockStore | None = None
         self._wal: Mailbox | None = None
         self._handlers = {
             m.Checkpoint: self._take_checkpoint,
@@ -65,18 +66,19 @@ class RecoveryCoordinator:
         self._checkpoint_lsn = recovered.checkpoint_lsn
         # Blocks the replica still has to upload, which the recovered tree no longer maps.
         held = await trio.to_thread.run_sync(self._replica_blocks, recovered)
-        blocks = BlockStore(self._storage)
+        blocks = self._blocks = BlockStore(self._storage)
         try:
             free = FreeSpace.from_used(itertools.chain(
                 (p for p, *_ in recovered.state.used_blocks()), held), blocks.block_count())
             tree, tree_inbox = open_mailbox()
             wal, wal_inbox = open_mailbox()
+            log_mailbox, log_inbox = open_mailbox()
             allocator, allocator_inbox = open_mailbox()
             status = WalStatus()
             # Built before the allocator starts: its constructor publishes the durable LSN,
             # which the allocator reads.
             wal_writer = WalWriter(
-                wal_inbox, self._storage, self._uuid, blocks,
+                wal_inbox, log_inbox, self._storage, self._uuid, blocks,
                 next_lsn=recovered.last_lsn + 1, batch=recovered.last_batch,
                 commit_interval=self._tuning.commit_interval, status=status,
                 segment_bytes=self._tuning.segment_bytes, replica_hold=hold)
@@ -88,7 +90,7 @@ class RecoveryCoordinator:
                 await nursery.start(wal_writer.run)
                 tree_manager = TreeManager(
                     tree_inbox, recovered.state, last_lsn=recovered.last_lsn, wal=wal.clone(),
-                    wal_status=status, allocator=allocator.clone())
+                    log=log_mailbox, wal_status=status, allocator=allocator.clone())
                 await nursery.start(tree_manager.run)
                 task_status.started(Handles(tree.clone(), tree_manager.queries, wal.clone(),
                                             allocator.clone(), blocks, status, recovered))
@@ -176,6 +178,9 @@ class RecoveryCoordinator:
                 await _abort_capture(tree, capture)
         size = sum(map(len, parts))
         await wal.ask(m.WaitDurable(lsn))
+        # Blocks whose bytes only the log carries (PutData) become durable on their own first:
+        # the log behind this checkpoint may be trimmed once it is written.
+        await trio.to_thread.run_sync(self._blocks.sync)
         # Written part by part: joining a big body would hold the GIL, so every request.
         await trio.to_thread.run_sync(write_checkpoint, self._storage, self._uuid, lsn, parts)
         # Keep the log back to the previous checkpoint: the fallback if this one is damaged.

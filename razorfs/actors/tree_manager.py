@@ -185,12 +185,13 @@ def check_xattr_name(name: bytes) -> None:
 
 class TreeManager:
     def __init__(self, inbox: trio.MemoryReceiveChannel, state: TreeState, *, last_lsn: int,
-                 wal: Mailbox, wal_status: WalStatus, allocator: Mailbox,
+                 wal: Mailbox, log: Mailbox, wal_status: WalStatus, allocator: Mailbox,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self._inbox = inbox
         self._state = state
         self._last_lsn = last_lsn
         self._wal = wal
+        self._log = log  # the WAL writer's log inbox: records, taken at its next commit
         self._wal_status = wal_status
         self._allocator = allocator
         self._clock = lambda: clamp_time_ns(clock())  # a clock past 2446 stamps as ext4 would
@@ -222,6 +223,7 @@ class TreeManager:
                     await dispatch(envelope, self._handlers, "tree")
         finally:
             # Closing our side of the WAL and allocator inboxes tells them to finish.
+            await self._log.aclose()
             await self._wal.aclose()
             await self._allocator.aclose()
 
@@ -262,7 +264,10 @@ class TreeManager:
             log.exception("failsafe: transaction failed to apply", ops=[type(o).__name__ for o in ops])
             raise FsError(errno.EIO, self._failsafe) from None
         self._last_lsn += 1
-        await self._wal.tell(m.Append(self._last_lsn, payload))
+        record = m.Append(self._last_lsn, payload)
+        if not self._log.tell_nowait(record):
+            await self._wal.tell(m.TakeRecords())  # a full log inbox: the writer empties it now
+            await self._log.tell(record)
         if freed:
             await self._allocator.tell(m.FreeAfter(tuple(freed), self._last_lsn))
         return self._last_lsn
@@ -611,7 +616,8 @@ class TreeManager:
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, "file too large")
         now = self._clock()
-        ops = [redo.PutBlocks(inode.ino, msg.blocks),
+        ops = [redo.PutData(inode.ino, msg.blocks, msg.data) if msg.data
+               else redo.PutBlocks(inode.ino, msg.blocks),
                inode.put_op(size=max(inode.size, end), mtime_ns=now, ctime_ns=now)]
         lsn = await self._commit(ops)
         return m.Changed(inode.attr(), lsn)

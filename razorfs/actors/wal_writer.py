@@ -1,13 +1,17 @@
 """WAL writer actor: appends redo records, group commit, publishes the durable LSN.
 
-Records arrive in LSN order (``Append``, no reply) and wait in memory. A commit takes every record
-waiting at that moment, fsyncs the block store if data was written since the last commit (data
+Records arrive in LSN order (``Append``, no reply) in a log inbox of their own, which the writer
+never waits on: a record does not wake it (one task step less per transaction); it takes the
+records there whenever it wakes for a request or for its tick, and the tree manager asks it to
+take them (``TakeRecords``) when that inbox is full. A commit takes every record waiting at that
+moment, fsyncs the block store if data was written since the last commit (data
 before the records that point at it), writes the records with one pwrite into the current segment
 and fsyncs it once. Then every ``WaitDurable`` asker whose LSN is covered is answered. While that
 fsync runs, new records and askers queue up and form the next batch: that is group commit.
 
-A commit starts as soon as someone waits, when the oldest waiting record is ``commit_interval``
-old (the bound on loss without fsync, G4), or when the batch grows past ``MAX_BATCH_BYTES``.
+A commit starts as soon as someone waits, at every tick of ``commit_interval`` when records are
+waiting (so none waits longer: the bound on loss without fsync, G4), or when the batch grows past
+``MAX_BATCH_BYTES``.
 An I/O error of the log turns the whole filesystem failsafe (read-only): a log that may have lost
 a write cannot take more records after it.
 """
@@ -15,13 +19,12 @@ a write cannot take more records after it.
 from __future__ import annotations
 
 import errno
-import math
 
 import structlog
 import trio
 
 from razorfs.actors import messages as m
-from razorfs.actors.mailbox import Envelope, ReplyLater, ReplySlot, answer, dispatch
+from razorfs.actors.mailbox import ReplyLater, ReplySlot, answer, dispatch
 from razorfs.log import debug_enabled
 from razorfs.storage import formats
 from razorfs.storage.blockstore import BlockStore
@@ -46,11 +49,12 @@ class WalWriter:
     SEGMENT_BYTES = 16 << 20
     MAX_BATCH_BYTES = 4 << 20
 
-    def __init__(self, inbox: trio.MemoryReceiveChannel, storage: Storage, uuid: bytes,
-                 blocks: BlockStore, *, next_lsn: int, batch: int, commit_interval: float,
-                 status: WalStatus, segment_bytes: int | None = None,
-                 replica_hold=None) -> None:
+    def __init__(self, inbox: trio.MemoryReceiveChannel, log_inbox: trio.MemoryReceiveChannel,
+                 storage: Storage, uuid: bytes, blocks: BlockStore, *, next_lsn: int,
+                 batch: int, commit_interval: float, status: WalStatus,
+                 segment_bytes: int | None = None, replica_hold=None) -> None:
         self._inbox = inbox
+        self._log_inbox = log_inbox
         self._storage = storage
         self._uuid = uuid
         self._blocks = blocks
@@ -65,7 +69,6 @@ class WalWriter:
         self._batch = batch
         self._pending: list[tuple[int, bytes]] = []
         self._pending_bytes = 0
-        self._oldest_pending_at = math.inf
         self._waiters: list[tuple[int, ReplySlot | None]] = []
         self._failed: str | None = None
         # fsyncs: counted at each flush, in the worker threads too (the writer awaits them:
@@ -76,51 +79,56 @@ class WalWriter:
             m.WaitDurable: ReplyLater(self._wait_durable),
             m.TrimLog: self._trim_log,
             m.WalStats: self._wal_stats,
+            m.TakeRecords: self._take_records,
         }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await trio.to_thread.run_sync(self._start_segment, self._durable_lsn + 1)
         task_status.started()
         try:
-            async with self._inbox:
+            async with self._inbox, self._log_inbox:
                 await self._serve()
         finally:
             if self._segment is not None:
                 self._segment.close()
 
     async def _serve(self) -> None:
+        next_tick = trio.current_time() + self._commit_interval
         while True:
-            try:
-                # Everything already in the inbox joins the batch before a commit starts.
-                envelope = await self._next_envelope()
-                while envelope is not None:
-                    await dispatch(envelope, self._handlers, "wal")
-                    try:
-                        envelope = self._inbox.receive_nowait()
-                    except trio.WouldBlock:
-                        envelope = None
-            except trio.EndOfChannel:
-                break
-            if self._commit_due():
+            envelope = None
+            with trio.move_on_at(next_tick):
+                try:
+                    envelope = await self._inbox.receive()
+                except trio.EndOfChannel:
+                    break
+            # Every request already waiting, and every record, joins the batch before a commit.
+            while envelope is not None:
+                await dispatch(envelope, self._handlers, "wal")
+                try:
+                    envelope = self._inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    envelope = None
+            await self._take_records(None)
+            if trio.current_time() >= next_tick:
+                next_tick = trio.current_time() + self._commit_interval
                 await self._commit()
+            elif self._commit_due():
+                await self._commit()
+        await self._take_records(None)
         await self._commit()
 
-    async def _next_envelope(self) -> Envelope | None:
-        """The next message, or None once the oldest waiting record is commit_interval old
-        (no cancel scope while nothing waits: one per message is a cost on the hot path)."""
-        deadline = self._oldest_pending_at + self._commit_interval
-        if deadline == math.inf:
-            return await self._inbox.receive()
-        with trio.move_on_at(deadline):
-            return await self._inbox.receive()
-        return None
+    async def _take_records(self, message: m.TakeRecords | None) -> None:
+        while True:
+            try:
+                envelope = self._log_inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            await dispatch(envelope, self._handlers, "wal")
 
     def _commit_due(self) -> bool:
         return bool(
             any(lsn > self._durable_lsn for lsn, _ in self._waiters)
             or self._pending_bytes >= self.MAX_BATCH_BYTES
-            or (self._pending
-                and trio.current_time() >= self._oldest_pending_at + self._commit_interval)
         )
 
     async def _append(self, message: m.Append) -> None:
@@ -130,8 +138,6 @@ class WalWriter:
         self._appended_lsn = message.lsn
         if self._failed:
             return
-        if not self._pending:
-            self._oldest_pending_at = trio.current_time()
         self._pending.append((message.lsn, message.payload))
         self._pending_bytes += len(message.payload) + formats.RECORD_HEADER_SIZE
 
@@ -156,7 +162,6 @@ class WalWriter:
         if self._pending and not self._failed:
             batch, self._pending = self._pending, []
             self._pending_bytes = 0
-            self._oldest_pending_at = math.inf
             self._batch += 1
             last = len(batch) - 1
             data = b"".join(formats.encode_record(lsn, self._batch, payload, last - index)
@@ -192,9 +197,10 @@ class WalWriter:
         self._waiters = still_waiting
 
     def _write_batch(self, data: bytes) -> int:
-        """The batch on disk behind the data it maps; returns how many flushes it took."""
+        """The batch on disk behind the data it maps (bytes a record carries itself need no
+        flush first); returns how many flushes it took."""
         flushes = 0
-        if self._blocks.sync():
+        if self._blocks.sync_ordered():
             self._stats["fsyncs"] += 1
             flushes += 1
         self._segment.pwrite(self._segment_offset, data)

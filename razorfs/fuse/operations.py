@@ -8,6 +8,7 @@ rules are ``setid``'s, and every handler passes through the one error edge (``er
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -28,7 +29,13 @@ from razorfs.state.tree import DOTDOT_COOKIE, Attr, clamp_time_ns
 from razorfs.storage.formats import BLOCK_SIZE
 
 READDIR_BATCH = 256
-ATTR_TIMEOUT = 1.0
+# A small write within this long (seconds) of an fsync is logged with its data: whoever
+# fsyncs is likely to again, and a logged write's commit needs one flush instead of two.
+FSYNC_RECENT = 2.0
+# How long the kernel may keep a name, an absence or attributes: every change comes through this
+# mount, and the kernel drops or refreshes what a change touches, so answers stay true (as
+# libfuse's passthrough_hp does). The daemon's own atime moves are the exception: invalidated.
+ATTR_TIMEOUT = 86400.0
 
 
 @dataclass
@@ -64,6 +71,9 @@ def entry_attributes(attr: Attr, generation: int = 0) -> pyfuse3.EntryAttributes
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
+    # Off: the kernel would send cached writes back in its own order, after later metadata
+    # changes, so a crash could keep a later change without an earlier write (G3; measured and
+    # rejected, docs/PERFORMANCE.md).
     enable_writeback_cache = False
     enable_acl = True  # the kernel enforces the ACLs we store (FUSE_POSIX_ACL)
 
@@ -85,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self._open_files: dict[int, OpenFile] = {}
         self._page_cache = DirectIoCoherence()
         self._next_fh = 1
+        self._last_fsync = -math.inf
         self.initialized = trio.Event()  # set once the kernel's FUSE INIT is answered
 
     def init(self) -> None:
@@ -144,6 +155,15 @@ class Operations(pyfuse3.Operations):
             return self._open_files[fh]
         except KeyError:
             raise FsError(errno.EBADF, f"unknown file handle {fh}") from None
+
+    def _forget_cached_attributes(self, ino: int) -> None:
+        """Tell the kernel that ``ino``'s attributes changed behind its back (an atime moved by
+        a read), so that its cache does not keep the old ones for ATTR_TIMEOUT."""
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it any more
+                raise
 
     def _refuse_changes(self) -> None:
         if self.read_only:
@@ -307,7 +327,8 @@ class Operations(pyfuse3.Operations):
         start = off - first * BLOCK_SIZE
         self.metrics.bytes_read += end - off
         if not (self.noatime or self.read_only) and self._queries.atime_due(ino):
-            await self._tree.tell(m.Accessed(ino))
+            await self._tree.ask(m.Accessed(ino))  # applied before the kernel's cache is dropped
+            self._forget_cached_attributes(ino)
         # A view, not bytes: pyfuse3 replies from any contiguous buffer, and a copy of a big
         # read is a visible share of a cached sequential read.
         return memoryview(data)[start : start + end - off]
@@ -321,7 +342,9 @@ class Operations(pyfuse3.Operations):
         self._refuse_changes()
         if not open_file.direct:
             self._page_cache.caching(ino)  # write-through: the kernel keeps what was written
-        reply = await self._data.write(ino, off, buf)
+        log_data = bool(self._sync_writes or open_file.flags & os.O_DSYNC
+                        or trio.current_time() - self._last_fsync < FSYNC_RECENT)
+        reply = await self._data.write(ino, off, buf, log_data=log_data)
         if open_file.direct:
             await self._page_cache.direct_write_applied(ino)
         await self._settle(reply.lsn)
@@ -344,6 +367,7 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def fsync(self, fh, datasync):
         self._open_file(fh)
+        self._last_fsync = trio.current_time()
         await self._sync_all()
 
     # ---- directories ----
@@ -380,4 +404,5 @@ class Operations(pyfuse3.Operations):
     @fuse_edge
     async def fsyncdir(self, fh, datasync):
         self._open_file(fh)
+        self._last_fsync = trio.current_time()
         await self._sync_all()

@@ -9,6 +9,7 @@ agree. The daemon runs this through the recovery coordinator actor, offline tool
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from razorfs.storage import formats
 from razorfs.storage.checkpoints import (
     CHECKPOINTS_KEPT, list_checkpoints, read_checkpoint, read_epochs, read_superblock,
     write_checkpoint, write_epochs)
-from razorfs.storage.formats import FormatError, Superblock
+from razorfs.storage.formats import BLOCK_SIZE, FormatError, Superblock
 from razorfs.storage.interface import Storage
 from razorfs.storage.wal import LogEnd, delete_segments_upto, list_segments, scan_log
 
@@ -48,6 +49,9 @@ class Recovered:
     # file handle generations; ``recover`` starts a new epoch for the numbers it will give
     generations: Generations = field(default_factory=Generations)
     epochs_damage: str | None = None  # why the epochs file could not be read
+    # pblk -> bytes of the blocks the replayed log carries itself (PutData) and the state still
+    # maps: the block store may have lost them; ``recover`` writes them back
+    logged_blocks: dict[int, bytes] = field(default_factory=dict)
 
 
 def load(storage: Storage, *, salvage: bool = False) -> Recovered:
@@ -75,6 +79,8 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
     scan = scan_log(storage, superblock.uuid, checkpoint_lsn, salvage=salvage)
     scanned = time.perf_counter()
     records, decode, apply = scan.records, redo.decode_ops, state.apply
+    logged: dict[int, tuple] = {}  # pblk -> (ino, lblk, crc, bytes) of the last PutData of it
+    put_data, put_blocks = redo.PutData, redo.PutBlocks
     for start in range(0, len(records), REPLAY_PROGRESS_EVERY):
         if start:
             log.info("replaying WAL", replayed=start, total=len(records))
@@ -83,6 +89,12 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
             for record in records[start : start + REPLAY_PROGRESS_EVERY]:
                 for op in decode(record.payload):
                     apply(op)
+                    kind = type(op)
+                    if kind is put_data:
+                        _note_logged(logged, op)
+                    elif kind is put_blocks and logged:
+                        for pblk in op.blocks[1::3]:  # a later mapping not logged: on disk
+                            logged.pop(pblk, None)
         except Exception as exc:
             raise FormatError(
                 f"WAL record LSN {record.lsn} at offset {record.offset} cannot be replayed: {exc}"
@@ -100,7 +112,33 @@ def _load(storage: Storage, *, salvage: bool) -> Recovered:
                      scan.last_lsn or checkpoint_lsn, scan.last_batch,
                      len(scan.records), len(orphans), scan.end, scan.discarded, skipped, damaged,
                      {name: round(value, 3) for name, value in seconds.items()},
-                     generations=generations, epochs_damage=epochs_damage)
+                     generations=generations, epochs_damage=epochs_damage,
+                     logged_blocks=_still_mapped(state, logged))
+
+
+def _note_logged(logged: dict, op: redo.PutData) -> None:
+    flat, data = op.blocks, op.data
+    for i in range(0, len(flat), 3):
+        start = i // 3 * BLOCK_SIZE
+        logged[flat[i + 1]] = (op.ino, flat[i], flat[i + 2], data[start : start + BLOCK_SIZE])
+
+
+def _still_mapped(state: TreeState, logged: dict) -> dict[int, bytes]:
+    """The logged blocks the state maps where their PutData put them, by physical block."""
+    kept = {}
+    for pblk, (ino, lblk, crc, data) in logged.items():
+        inode = state.inodes.get(ino)
+        if inode is not None and inode.blocks and inode.blocks.get(lblk) == (pblk << 32) | crc:
+            kept[pblk] = data
+    return kept
+
+
+def _write_logged_blocks(storage: Storage, blocks: dict[int, bytes]) -> None:
+    """Put back the blocks only the log carried, durably, before anything relies on them."""
+    with storage.open(formats.BLOCKS_PATH, create=True) as store:
+        for pblk in sorted(blocks):
+            store.pwrite(pblk * BLOCK_SIZE, blocks[pblk])
+        store.fsync()
 
 
 def recover(storage: Storage, *, salvage: bool = False, defer_checkpoint: bool = False,
@@ -113,6 +151,15 @@ def recover(storage: Storage, *, salvage: bool = False, defer_checkpoint: bool =
     chunked path once requests are served (a crash before then replays the same records).
     ``keep_log_after``: the replica's shipped LSN; no record after it is trimmed."""
     recovered = load(storage, salvage=salvage)
+    if recovered.superblock.version != formats.FORMAT_VERSION:
+        # before the daemon writes anything of the newer version (formats.FORMAT_VERSION)
+        upgraded = dataclasses.replace(recovered.superblock, version=formats.FORMAT_VERSION)
+        storage.write_file_atomically(formats.SUPERBLOCK_PATH, upgraded.encode())
+        log.info("data directory upgraded", version=formats.FORMAT_VERSION,
+                 was=recovered.superblock.version)
+        recovered.superblock = upgraded
+    if recovered.logged_blocks:
+        _write_logged_blocks(storage, recovered.logged_blocks)
     if recovered.discarded:
         log.warning("salvaged a damaged WAL: committed records after the damage discarded",
                     discarded=recovered.discarded, at=recovered.log_end.reason)

@@ -117,6 +117,18 @@ class PutBlocks:
 
 
 @record_type
+class PutData:
+    """PutBlocks of a small write, with the blocks' bytes (in triple order) in the record
+    itself: the commit that logs it needs no flush of the block store before it, and replay
+    writes the bytes back wherever the block store lost them (format version 3)."""
+
+    TAG: ClassVar[int] = 10
+    ino: int
+    blocks: tuple
+    data: bytes
+
+
+@record_type
 class TruncateBlocks:
     """Unmap every file block numbered ``first_dropped`` or higher."""
 
@@ -141,7 +153,7 @@ class DropXattr:
 
 
 REDO_OPS = (PutInode, DropInode, PutEntry, DropEntry, PutTarget, PutBlocks, TruncateBlocks,
-            PutXattr, DropXattr)
+            PutXattr, DropXattr, PutData)
 _BY_TAG = {cls.TAG: cls for cls in REDO_OPS}
 assert len(_BY_TAG) == len(REDO_OPS), "duplicate redo tag"
 

@@ -27,11 +27,12 @@ _EXTENT = struct.Struct("<QQ")
 
 
 def mapped_blocks(payload: bytes) -> list[tuple[int, int, int]]:
-    """The (lblk, pblk, crc) triples a WAL record's payload maps (its PutBlocks operations):
-    each is a block version born in that record (copy-on-write: nothing maps a block twice)."""
+    """The (lblk, pblk, crc) triples a WAL record's payload maps (its PutBlocks and PutData
+    operations): each is a block version born in that record (copy-on-write: nothing maps a
+    block twice)."""
     triples = []
     for op in redo.decode_ops(payload):
-        if type(op) is redo.PutBlocks:
+        if type(op) is redo.PutBlocks or type(op) is redo.PutData:
             flat = op.blocks
             triples.extend(zip(flat[0::3], flat[1::3], flat[2::3]))
     return triples

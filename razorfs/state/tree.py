@@ -381,6 +381,7 @@ _APPLY = {
     redo.DropEntry: TreeState._drop_entry,
     redo.PutTarget: TreeState._put_target,
     redo.PutBlocks: TreeState._put_blocks,
+    redo.PutData: TreeState._put_blocks,  # the data is the block store's, on replay
     redo.TruncateBlocks: TreeState._truncate_blocks,
     redo.PutXattr: TreeState._put_xattr,
     redo.DropXattr: TreeState._drop_xattr,

@@ -1,8 +1,10 @@
 """The block store: fixed-size, copy-on-write data blocks in one file (layout in ``formats``).
 
-Stateless apart from the open file and a write generation: FUSE handlers call it from worker
-threads, the WAL writer calls ``sync`` before each group commit (data before the log records
-that point at it: ordered mode) and skips that fsync when nothing was written since the last.
+Stateless apart from the open file and two write generations: FUSE handlers call it from
+worker threads; the WAL writer calls ``sync_ordered`` before each group commit (data before the
+log records that point at it: ordered mode), which skips the fsync when every write since the
+last one was *logged* (its bytes travel in the WAL record, ``PutData``); a checkpoint calls
+``sync`` first, which covers those too, since the log that holds them may then be trimmed.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ class BlockStore:
         self._storage = storage
         self._file = storage.open(BLOCKS_PATH, create=True)
         self._lock = threading.Lock()
-        self._generation = 0
+        self._generation = 0  # every write
+        self._ordered_generation = 0  # writes whose bytes only the block store holds
         self._synced_generation = 0
+        self._synced_ordered_generation = 0
 
     def disk_space(self) -> SpaceInfo:
         return self._storage.space()
@@ -28,9 +32,9 @@ class BlockStore:
     def block_count(self) -> int:
         return self._file.size() // BLOCK_SIZE
 
-    def write(self, extents: tuple, data: bytes | memoryview) -> list[int]:
+    def write(self, extents: tuple, data: bytes | memoryview, *, logged: bool = False) -> list[int]:
         """Write ``data`` (whole blocks) into the flat (start, length, ...) extents; return the
-        CRC of each block in order."""
+        CRC of each block in order. ``logged``: the WAL record that maps them carries them too."""
         view = memoryview(data)
         position = 0
         for i in range(0, len(extents), 2):
@@ -43,6 +47,8 @@ class BlockStore:
         with self._lock:
             # After the pwrite, not before: a commit that sees this generation must cover it.
             self._generation += 1
+            if not logged:
+                self._ordered_generation += 1
         return block_crcs(view)
 
     def read_run(self, first_pblk: int, count: int) -> bytes:
@@ -58,11 +64,22 @@ class BlockStore:
     def sync(self) -> bool:
         """fsync the store if anything was written since the last sync; True if it did."""
         with self._lock:
-            generation = self._generation
+            generation, ordered = self._generation, self._ordered_generation
         if generation == self._synced_generation:
             return False
         self._file.fsync()
-        self._synced_generation = generation
+        self._synced_generation, self._synced_ordered_generation = generation, ordered
+        return True
+
+    def sync_ordered(self) -> bool:
+        """fsync the store if a write the log does not carry came since the last sync; True if
+        it did."""
+        with self._lock:
+            generation, ordered = self._generation, self._ordered_generation
+        if ordered == self._synced_ordered_generation:
+            return False
+        self._file.fsync()
+        self._synced_generation, self._synced_ordered_generation = generation, ordered
         return True
 
     def close(self) -> None:

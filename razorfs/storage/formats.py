@@ -15,7 +15,7 @@ DATA_DIR/
 
 superblock (64 bytes)
   0   8  magic  b"RAZORFS\\0"
-  8   4  format version (FORMAT_VERSION); any other value is refused
+  8   4  format version (FORMAT_VERSION; READABLE_VERSIONS are read); any other is refused
   12  4  block size (BLOCK_SIZE)
   16 16  filesystem uuid (WAL segments and checkpoints carry it, so a file from another
          filesystem copied in is never replayed)
@@ -98,8 +98,12 @@ from typing import NamedTuple
 import crc32c as _crc32c
 
 # 2: WAL record bytes 28..31 say how many records of the batch follow (under the CRC).
-# Older versions are refused (the superblock, segment and checkpoint headers carry it).
-FORMAT_VERSION = 2
+# 3: a redo operation may carry a small write's data (PutData, razorfs.state.redo).
+# A version 2 directory is read as it is and its superblock rewritten as 3 at the next mount,
+# before any record of version 3 goes into it; older versions are refused (the superblock,
+# segment and checkpoint headers carry it).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 BLOCK_SIZE = 4096
 MAX_RECORD = 64 << 20
 
@@ -166,10 +170,10 @@ class Superblock:
         if crc(body) != stored:
             raise FormatError(f"{where}: superblock checksum mismatch")
         _, version, block_size, uuid, created_ns, _ = _SUPERBLOCK.unpack(body)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatError(
                 f"{where}: format version {version} is not supported "
-                f"(this razorfs reads version {FORMAT_VERSION})"
+                f"(this razorfs reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         if block_size != BLOCK_SIZE:
             raise FormatError(f"{where}: block size {block_size} is not supported")
@@ -212,7 +216,7 @@ def decode_segment_header(data: bytes, uuid: bytes, where: str) -> int:
     if crc(body) != stored:
         raise FormatError(f"{where}: WAL segment header checksum mismatch at offset 0")
     _, version, _, first_lsn, uuid_prefix = _SEGMENT_HEADER.unpack(body)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FormatError(f"{where}: WAL format version {version} is not supported")
     if uuid_prefix != uuid[:4]:
         raise FormatError(f"{where}: WAL segment belongs to another filesystem")
@@ -316,7 +320,7 @@ def decode_checkpoint(data: bytes, uuid: bytes, where: str) -> tuple[int, bytes]
     if crc(head) != stored:
         raise FormatError(f"{where}: checkpoint header checksum mismatch at offset 0")
     _, version, _, lsn, length, uuid_prefix, body_crc, _ = _CHECKPOINT_HEADER.unpack(head)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FormatError(f"{where}: checkpoint format version {version} is not supported")
     if uuid_prefix != uuid[:4]:
         raise FormatError(f"{where}: checkpoint belongs to another filesystem")

@@ -137,9 +137,10 @@ class Fs:
         start = offset - first * BLOCK_SIZE
         return bytes(data[start : start + end - offset])
 
-    async def write(self, ino: int, offset: int, data: bytes) -> int:
-        """Copy-on-write ``data`` at ``offset`` (partial blocks merged); return the LSN."""
-        return (await self.data.write(ino, offset, data)).lsn
+    async def write(self, ino: int, offset: int, data: bytes, *, log_data: bool = False) -> int:
+        """Copy-on-write ``data`` at ``offset`` (partial blocks merged); return the LSN.
+        ``log_data``: a small write's bytes go into its WAL record too (PutData)."""
+        return (await self.data.write(ino, offset, data, log_data=log_data)).lsn
 
     async def truncate(self, ino: int, size: int) -> int:
         """SetAttr(size), the tail of a block cut in the middle zeroed (copy-on-write)."""

@@ -252,9 +252,10 @@ class Workload:
         offset = self.rng.choice([0, self.rng.randrange(3 * BLOCK_SIZE)])
         size = self.rng.choice([BLOCK_SIZE, self.rng.randint(1, 2 * BLOCK_SIZE)])
         data = self.rng.randbytes(size)
+        logged = self.rng.random() < 0.5  # its bytes in the WAL record too (PutData)
 
         async def go(fs):
-            lsn = await fs.write(ino, offset, data)
+            lsn = await fs.write(ino, offset, data, log_data=logged)
             old = self.data[ino].ljust(offset, b"\0")
             self.data[ino] = old[:offset] + data + old[offset + len(data):]
             return lsn

@@ -541,7 +541,7 @@ def request_counts(mount) -> dict[str, int]:
 
 
 def test_missing_names_are_cached_and_every_way_of_making_them_is_seen(mount):
-    """The kernel caches a lookup that found nothing (for up to a second); each way a name can
+    """The kernel caches a lookup that found nothing (for ATTR_TIMEOUT); each way a name can
     come to exist through the mount must still be seen at once."""
     root = mount.path
     os.mkdir(root / "d")

@@ -141,6 +141,18 @@ def test_unknown_superblock_version_is_refused(disk, superblock) -> None:
         load(disk)
 
 
+def test_a_version_2_directory_is_read_and_upgraded_at_recovery(disk, superblock) -> None:
+    old = Superblock(2, superblock.block_size, superblock.uuid, superblock.created_ns)
+    disk.write_file_atomically(formats.SUPERBLOCK_PATH, old.encode())
+    write_wal(disk, superblock.uuid, 1, [file_ops(2, b"kept")])
+    assert load(disk).superblock.version == 2  # load changes nothing
+    recovered = recover(disk)
+    assert names(recovered.state) == {b"kept"}
+    assert Superblock.decode(disk.read_file(formats.SUPERBLOCK_PATH)).version == FORMAT_VERSION
+    with pytest.raises(FormatError, match="version 1 is not supported"):
+        Superblock.decode(Superblock(1, superblock.block_size, superblock.uuid, 1).encode())
+
+
 def test_damaged_superblock_is_refused(disk, superblock) -> None:
     flip_byte(disk, formats.SUPERBLOCK_PATH, 20)
     with pytest.raises(FormatError, match="superblock checksum mismatch"):

@@ -68,14 +68,14 @@ def test_redo_ops_roundtrip_as_one_payload() -> None:
 @pytest.mark.parametrize("data", [
     b"",
     b"\xc1",                                   # a byte msgpack never uses
-    msgpack.packb([41, 2, 3])[:-1],            # cut short
-    msgpack.packb([41, 5]) + b"\x00",          # trailing bytes
+    msgpack.packb([81, 2, 3])[:-1],            # cut short
+    msgpack.packb([81, 5]) + b"\x00",          # trailing bytes
     msgpack.packb(5),                          # not an array
     msgpack.packb([]),                         # no tag
     msgpack.packb([9999, 1]),                  # unknown tag
     msgpack.packb(["WaitDurable", 1]),         # a tag that is not a number
-    msgpack.packb([41]),                       # WaitDurable without its field
-    msgpack.packb([41, 5, 6]),                 # WaitDurable with one field too many
+    msgpack.packb([81]),                       # WaitDurable without its field
+    msgpack.packb([81, 5, 6]),                 # WaitDurable with one field too many
     msgpack.packb([2, 5]),                     # a redo operation is not a message
 ], ids=["empty", "invalid-byte", "truncated", "extra-data", "not-array", "no-tag",
         "unknown-tag", "string-tag", "missing-field", "extra-field", "redo-tag"])
@@ -96,7 +96,7 @@ def test_decode_of_a_map_tag_raises_schema_error() -> None:
 
 def test_decode_ops_refuses_messages_that_are_not_redo_operations() -> None:
     payload = redo.encode_ops([redo.DropInode(3), m.Remove(1, b"x", False)])
-    with pytest.raises(SchemaError, match="unknown record tag 12"):
+    with pytest.raises(SchemaError, match="unknown record tag 52"):
         redo.decode_ops(payload)
     with pytest.raises(SchemaError):
         redo.decode_ops(redo.encode_ops([m.Committed(1)]))
