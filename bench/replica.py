@@ -1,11 +1,10 @@
-"""Replica measurements (issue 16), by hand: python tools/replica_bench.py [--mib N] [--files N]
+"""Replica measurements (issue 16): python bench/replica.py [--mib N] [--files N]
 
 Starts the tests' Swift S3 server, then for each workload (a sequential write of N MiB in
 1 MiB writes, fs_mark-like creation of N small files of 4 KiB with an fsync each 100) mounts
 razorfs without and with --replica, and prints: the workload's time both ways (the mount's own
 speed), the replica's lag when the workload ends and how long until it is 0 again, bytes
-uploaded per byte written; then the time of `razorfs restore` of the result. bench/ owns the
-benchmark suite; this script gives the figures for the note until it takes them in.
+uploaded per byte written; then the time of `razorfs restore` of the result.
 """
 
 from __future__ import annotations
